@@ -1,0 +1,251 @@
+"""
+Train FoldGPT window by window, carrying the state along each of B contiguous streams.
+
+    python prepare_data.py && python train.py          # the CPU quick start, about 9 minutes
+    python train.py --max_iters=200 --n_state=0        # the plain windowed GPT, same recipe
+    python train.py config/my_run.py --device=cuda     # `key = value` lines, then flags
+
+Every knob is in TrainConfig below; `python train.py --help` lists them with their defaults.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from configurator import configure, fail
+from foldgpt import FoldGPT, FoldGPTConfig
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    data_dir: str = "data/passkeys"  # made by prepare_data.py: train.bin, val.bin, meta.json
+    out_dir: str = "out"  # ckpt.pt is written here
+    init_from: str = "scratch"  # 'scratch', or 'resume' from out_dir/ckpt.pt
+    # the model (FoldGPTConfig; vocab_size comes from the data's meta.json)
+    window: int = 32  # W: new tokens per window
+    n_state: int = 64  # S: carried rows per layer (0: a plain GPT with a W-token context)
+    n_layer: int = 4  # L: blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 128  # C: channels
+    dropout: float = 0.0  # dropout in attention and residual branches
+    bias: bool = False  # biases in Linear and LayerNorm
+    # one optimizer step: batch_size streams x bptt windows, state carried through them
+    batch_size: int = 16  # B: streams read side by side, each a contiguous part of the corpus
+    bptt: int = 4  # windows per step through which gradients flow (truncated BPTT)
+    # AdamW, with warmup then cosine decay to min_lr at max_iters
+    max_iters: int = 1500  # optimizer steps
+    learning_rate: float = 2e-3  # peak learning rate
+    min_lr: float = 2e-4  # learning rate at the end of the cosine
+    warmup_iters: int = 100  # linear warmup steps
+    weight_decay: float = 0.1  # on matrices and embeddings only, decoupled (AdamW)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 turns clipping off
+    # evaluation and logging
+    eval_interval: int = 250  # steps between val loss estimates (and checkpoints)
+    eval_iters: int = 20  # steps of val streams per estimate
+    log_interval: int = 25  # steps between progress lines
+    # system
+    device: str = "auto"  # 'auto' picks cuda, then mps, then cpu
+    compile: bool = False  # torch.compile each block (slow to start, faster on GPUs)
+    seed: int = 1337
+
+
+class StreamLoader:
+    """B contiguous streams of a token file, read one step (bptt windows) at a time in order,
+    as Transformer-XL's iterator does, so the state carried into a step belongs to its text."""
+
+    def __init__(self, path, batch_size, span):
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        self.stream_len = len(data) // batch_size
+        if self.stream_len < span + 1:
+            fail(f"{path} has {len(data):,} tokens, too few for {batch_size} streams of one step "
+                 f"({span + 1} tokens each): make more data or lower batch_size/bptt/window")
+        self.streams = data[:batch_size * self.stream_len].reshape(batch_size, self.stream_len)
+        self.span = span  # tokens per stream per step: bptt * W
+        self.pos = 0  # where each stream reads next
+
+    def steps_per_pass(self):
+        return (self.stream_len - 1) // self.span
+
+    def next(self):
+        """x, y (B, span) int64, and whether the streams just started over from the top."""
+        fresh = self.pos == 0 or self.pos + self.span + 1 > self.stream_len
+        if self.pos + self.span + 1 > self.stream_len:
+            self.pos = 0
+        chunk = torch.from_numpy(self.streams[:, self.pos:self.pos + self.span + 1].astype(np.int64))
+        self.pos += self.span
+        return chunk[:, :-1], chunk[:, 1:], fresh
+
+
+def model_config(cfg, vocab_size):
+    names = {f.name for f in fields(FoldGPTConfig)} - {"vocab_size"}
+    return FoldGPTConfig(vocab_size=vocab_size, **{n: getattr(cfg, n) for n in names})
+
+
+def make_optimizer(model, cfg, device_type):
+    """AdamW; weight decay on matrices, embeddings and the initial state, not on gains/biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device_type == "cuda")
+
+
+def lr_at(it, cfg):
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / cfg.warmup_iters
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def evaluate(model, loader, iters, ctx):
+    """Mean loss over the first `iters` steps of the val streams, carrying the state."""
+    model.eval()
+    loader.pos, state, losses = 0, None, []
+    for _ in range(min(iters, loader.steps_per_pass())):
+        x, y, _ = loader.next()
+        with ctx:
+            _, loss, state = model.forward_stream(x.to(state_device(model)), state,
+                                                  y.to(state_device(model)))
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def state_device(model):
+    return model.lm_head.weight.device
+
+
+def save_checkpoint(path, **ckpt):
+    """Write to a temporary file, then rename: a crash mid-write leaves the old one whole."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(out_dir, device):
+    """The checkpoint dict and its model, or a one-line error saying how to make one."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}: train one with python train.py --out_dir={out_dir}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        fail(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or not ours")
+    model = FoldGPT(FoldGPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return ckpt, model.to(device)
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def read_meta(data_dir):
+    for split in ("train.bin", "val.bin", "meta.json"):
+        if not os.path.exists(os.path.join(data_dir, split)):
+            fail(f"no {split} in {data_dir}: make the data with python prepare_data.py "
+                 "(see its --help for your own text)")
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        return json.load(f)
+
+
+def train(cfg):
+    """Run the training cfg describes; returns the list of (iter, train loss) it logged."""
+    device = pick_device(cfg.device)
+    device_type = "cuda" if device.startswith("cuda") else device
+    ctx = (torch.autocast(device_type, dtype=torch.bfloat16)
+           if device_type == "cuda" and torch.cuda.is_bf16_supported() else nullcontext())
+    torch.manual_seed(cfg.seed)
+    meta = read_meta(cfg.data_dir)
+    span = cfg.bptt * cfg.window
+    train_data = StreamLoader(os.path.join(cfg.data_dir, "train.bin"), cfg.batch_size, span)
+    val_data = StreamLoader(os.path.join(cfg.data_dir, "val.bin"), cfg.batch_size, span)
+    if cfg.init_from == "resume":
+        ckpt, model = load_checkpoint(cfg.out_dir, device)
+        if ckpt["model_args"] != asdict(model_config(cfg, meta["vocab_size"])):
+            fail(f"{cfg.out_dir}/ckpt.pt has model {ckpt['model_args']}, which differs from this "
+                 "config: resume with the same model settings")
+    elif cfg.init_from == "scratch":
+        try:
+            model = FoldGPT(model_config(cfg, meta["vocab_size"])).to(device)
+        except ValueError as e:
+            fail(str(e))
+    else:
+        fail(f"init_from must be scratch or resume, got {cfg.init_from!r}")
+    optimizer = make_optimizer(model, cfg, device_type)
+    it, best_val, state = 0, float("inf"), None
+    if cfg.init_from == "resume":
+        optimizer.load_state_dict(ckpt["optimizer"])
+        it, best_val, train_data.pos = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["train_pos"]
+        state = None if ckpt["train_state"] is None else ckpt["train_state"].to(device)
+    if cfg.compile:
+        for block in model.transformer.h:
+            block.compile()  # in place: the saved state_dict keeps its plain names
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    print(f"FoldGPT {model.num_params():,} parameters on {device}; W={cfg.window} "
+          f"S={cfg.n_state} L={cfg.n_layer}; {cfg.batch_size} streams x {cfg.bptt} windows = "
+          f"{cfg.batch_size * span:,} tokens per step; {meta['train_tokens']:,} train tokens")
+    log, t_start, start_it = [], time.time(), it
+    while True:
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            val = evaluate(model, val_data, cfg.eval_iters, ctx)
+            best_val = min(best_val, val)
+            save_checkpoint(ckpt_path, model_args=asdict(model.config), model=model.state_dict(),
+                            optimizer=optimizer.state_dict(), iter_num=it, best_val_loss=best_val,
+                            config=asdict(cfg), meta=meta, train_pos=train_data.pos,
+                            train_state=None if state is None else state.cpu())
+            print(f"iter {it}: val loss {val:.4f}")
+            t0, it0 = time.time(), it  # progress lines time the training steps only
+        if it == cfg.max_iters:
+            break
+        lr = lr_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # ---- one step: bptt windows per stream, the state carried through all of them ----
+        x, y, fresh = train_data.next()
+        if fresh:
+            state = None  # the streams start over from the top: so does the state
+        with ctx:
+            _, loss, state = model.forward_stream(x.to(device), state, y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        # The next step reads on from here, so the state goes on with it. Detached: gradients
+        # stop at the step boundary (truncated BPTT), so memory stays O(bptt) windows however
+        # long the stream, while the context itself flows forward without bound.
+        state = state.detach()
+        it += 1
+        # ------------------------------------------------------------------------------------
+        if it % cfg.log_interval == 0 or it == cfg.max_iters:
+            loss_f, dt = loss.item(), (time.time() - t0) / (it - it0)
+            eta = (time.time() - t_start) / (it - start_it) * (cfg.max_iters - it)
+            print(f"iter {it:5d} | loss {loss_f:.4f} | lr {lr:.2e} | "
+                  f"{cfg.batch_size * span / dt:7,.0f} tok/s | {dt * 1000:5.0f} ms/iter | "
+                  f"eta {eta / 60:.1f} min")
+            log.append((it, loss_f))
+            t0, it0 = time.time(), it
+    print(f"done in {(time.time() - t_start) / 60:.1f} min: val loss {val:.4f}, "
+          f"checkpoint at {ckpt_path}")
+    return log
+
+
+if __name__ == "__main__":
+    train(configure(TrainConfig(), sys.argv[1:]))
