@@ -107,6 +107,21 @@ def lr_at(it, cfg):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext()):
+    """One optimizer step over x, y (B, bptt * W) from state; returns the loss and next state."""
+    with ctx:
+        _, loss, state = model.forward_stream(x, state, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    # The next step reads on from here, so the state goes on with it. Detached: gradients
+    # stop at the step boundary (truncated BPTT), so memory stays O(bptt) windows however
+    # long the stream, while the context itself flows forward without bound.
+    return loss, state.detach()
+
+
 @torch.no_grad()
 def evaluate(model, loader, iters, ctx):
     """Mean loss over the first `iters` steps of the val streams, carrying the state."""
@@ -210,7 +225,7 @@ def train(cfg):
                             optimizer=optimizer.state_dict(), iter_num=it, best_val_loss=best_val,
                             config=asdict(cfg), meta=meta, train_pos=train_data.pos,
                             train_state=None if state is None else state.cpu())
-            print(f"iter {it}: val loss {val:.4f}")
+            print(f"iter {it}: val loss {val:.4f}", flush=True)
             t0, it0 = time.time(), it  # progress lines time the training steps only
         if it == cfg.max_iters:
             break
@@ -221,17 +236,7 @@ def train(cfg):
         x, y, fresh = train_data.next()
         if fresh:
             state = None  # the streams start over from the top: so does the state
-        with ctx:
-            _, loss, state = model.forward_stream(x.to(device), state, y.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        # The next step reads on from here, so the state goes on with it. Detached: gradients
-        # stop at the step boundary (truncated BPTT), so memory stays O(bptt) windows however
-        # long the stream, while the context itself flows forward without bound.
-        state = state.detach()
+        loss, state = train_step(model, optimizer, x.to(device), y.to(device), state, cfg, ctx)
         it += 1
         # ------------------------------------------------------------------------------------
         if it % cfg.log_interval == 0 or it == cfg.max_iters:
@@ -239,7 +244,7 @@ def train(cfg):
             eta = (time.time() - t_start) / (it - start_it) * (cfg.max_iters - it)
             print(f"iter {it:5d} | loss {loss_f:.4f} | lr {lr:.2e} | "
                   f"{cfg.batch_size * span / dt:7,.0f} tok/s | {dt * 1000:5.0f} ms/iter | "
-                  f"eta {eta / 60:.1f} min")
+                  f"eta {eta / 60:.1f} min", flush=True)
             log.append((it, loss_f))
             t0, it0 = time.time(), it
     print(f"done in {(time.time() - t_start) / 60:.1f} min: val loss {val:.4f}, "

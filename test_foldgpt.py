@@ -1,0 +1,298 @@
+"""
+Tests of FoldGPT's invariants (DESIGN.md) and of the scripts around it, on tiny models.
+
+    python -m pytest -q test_foldgpt.py
+"""
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+
+import prepare_data
+import train
+from configurator import configure
+from foldgpt import FoldGPT, FoldGPTConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_CACHE = os.path.join(HERE, "..", "shared", "tiktoken_cache")
+TINY = dict(vocab_size=32, window=4, n_state=8, n_layer=2, n_head=2, n_embd=16)
+
+
+def tiny(**changes):
+    torch.manual_seed(0)
+    return FoldGPT(FoldGPTConfig(**{**TINY, **changes})).eval()
+
+
+def tokens(n, batch=2, seed=1):
+    return torch.randint(0, TINY["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_token_by_token(model, idx):
+    """The sampling path: one token at a time through the window's KV cache, folding when full."""
+    window, out = model.open_window(model.initial_state(idx.size(0))), []
+    for t in range(idx.size(1)):
+        if window.n == model.config.window:
+            window = model.open_window(model.fold(window))
+        out.append(model.lm_head(model.step(idx[:, t:t + 1], window)))
+    return torch.cat(out, dim=1)
+
+
+# ---- the invariants ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_state", [8, 0])
+@pytest.mark.parametrize("t", [0, 2, 3, 4, 6, 9, 12, 13])
+def test_causality_within_and_across_windows(n_state, t):
+    model = tiny(n_state=n_state)
+    idx = tokens(14)  # 3 full windows of 4, then a partial window of 2
+    before, _, _ = model.forward_stream(idx)
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % TINY["vocab_size"]
+    after, _, _ = model.forward_stream(changed)
+    assert torch.allclose(before[:, :t], after[:, :t], atol=1e-6, rtol=0)
+    assert not torch.allclose(before[:, t], after[:, t], atol=1e-4)  # token t itself does count
+
+
+@torch.no_grad()
+def test_streaming_equivalence_one_call_windows_and_tokens():
+    model = tiny()
+    idx = tokens(22)  # 5 full windows and a partial one
+    whole, _, state_whole = model.forward_stream(idx)
+    state, per_window = None, []
+    for t in range(0, idx.size(1), model.config.window):
+        logits, _, state = model(idx[:, t:t + model.config.window], state)
+        per_window.append(logits)
+    assert torch.allclose(whole, torch.cat(per_window, dim=1), atol=1e-5)
+    assert torch.allclose(state_whole, state, atol=1e-5)
+    assert torch.allclose(whole, logits_token_by_token(model, idx), atol=1e-5)
+
+
+@torch.no_grad()
+def test_generate_agrees_with_forward_stream():
+    model = tiny()
+    prompt = tokens(6)
+    seen = []
+    out, _ = model.generate(prompt, 13, temperature=0, on_token=seen.append)
+    assert out.shape == (2, 19) and torch.equal(out[:, :6], prompt)
+    assert torch.equal(torch.cat(seen, dim=1), out[:, 6:])
+    logits, _, _ = model.forward_stream(out)
+    assert torch.equal(logits[:, 5:-1].argmax(dim=-1), out[:, 6:])  # greedy = argmax, each step
+
+
+@torch.no_grad()
+def test_generate_goes_on_from_its_state():
+    model = tiny()
+    W = model.config.window
+    prompt = tokens(5)
+    both, _ = model.generate(prompt, 17, temperature=0)
+    first, state = model.generate(prompt, 6, temperature=0)
+    tail = first[:, first.size(1) - ((first.size(1) - 1) % W + 1):]
+    rest, _ = model.generate(tail, 11, temperature=0, state=state)
+    assert torch.equal(torch.cat([first, rest[:, tail.size(1):]], dim=1), both)
+
+
+@torch.no_grad()
+def test_written_out_attention_equals_fast_path():
+    model = tiny()
+    idx = tokens(11)
+    fast, _, _ = model.forward_stream(idx)
+    for block in model.transformer.h:
+        block.attn.fast = False
+    slow, _, _ = model.forward_stream(idx)
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("n_tokens", [1, 4, 7, 40])
+def test_state_shape_is_fixed_by_the_config(n_tokens):
+    model = tiny()
+    _, _, state = model.forward_stream(tokens(n_tokens, batch=3))
+    c = model.config
+    assert state.shape == (3, c.n_layer, c.n_state, c.n_embd)
+    _, state = model.generate(tokens(3, batch=3), n_tokens, temperature=0)
+    assert state.shape == (3, c.n_layer, c.n_state, c.n_embd)
+
+
+@torch.no_grad()
+def test_no_state_gives_independent_windows():
+    idx = tokens(12)
+    other_past = idx.clone()
+    other_past[:, :8] = tokens(8, seed=2)
+    plain = tiny(n_state=0)
+    whole, _, _ = plain.forward_stream(idx)
+    alone, _, _ = plain(idx[:, 8:])
+    assert torch.allclose(whole[:, 8:], alone, atol=1e-6)
+    assert torch.allclose(whole[:, 8:], plain.forward_stream(other_past)[0][:, 8:], atol=1e-6)
+    folded = tiny()  # with a state, the same change of the past does reach the third window
+    assert not torch.allclose(folded.forward_stream(idx)[0][:, 8:],
+                              folded.forward_stream(other_past)[0][:, 8:], atol=1e-4)
+
+
+def test_gradients_reach_the_first_window_and_stop_at_the_step():
+    model = tiny().train()
+    cfg = train.TrainConfig(grad_clip=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # steps that change nothing
+    embedded = []  # the token embeddings of each window, as they enter block 0
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        embedded.append(out)
+
+    model.transformer.wte.register_forward_hook(keep)
+    x, y = tokens(12), tokens(12, seed=3)
+    y[:, :8] = -1  # only the last window's loss: its gradient must reach back two windows
+    _, state = train.train_step(model, optimizer, x, y, None, cfg)
+    assert state.grad_fn is None and not state.requires_grad
+    first_window = embedded[0]
+    assert first_window.grad is not None and first_window.grad.abs().sum() > 0
+    grad_after_step_1 = first_window.grad.clone()
+    train.train_step(model, optimizer, tokens(12, seed=4), tokens(12, seed=5), state, cfg)
+    assert len(embedded) == 6 and embedded[3].grad.abs().sum() > 0  # step 2 did backpropagate
+    assert torch.equal(first_window.grad, grad_after_step_1)  # ... and not into step 1
+
+
+@torch.no_grad()
+def test_state_carried_through_2000_windows_stays_finite():
+    model = tiny()
+    idx = tokens(2000 * model.config.window, batch=1)
+    state = None
+    for t in range(0, idx.size(1), model.config.window):
+        logits, _, state = model(idx[:, t:t + model.config.window], state)
+    assert torch.isfinite(state).all() and torch.isfinite(logits).all()
+    assert state.shape == (1, 2, 8, 16)
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+def read_bins(folder):
+    return np.concatenate([np.fromfile(os.path.join(folder, s), dtype=np.uint16)
+                           for s in ("train.bin", "val.bin")])
+
+
+def test_byte_round_trip(tmp_path):
+    text = "Plain ASCII,\nthen é, ß, 漢字 and 💡 — with\ttabs and a last line\n"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "in" / "b.txt").write_text("second document", encoding="utf-8")
+    out = prepare_data.prepare(prepare_data.PrepareConfig(
+        input=str(tmp_path / "in"), out_dir=str(tmp_path / "data"), val_fraction=0.2))
+    ids = read_bins(out).tolist()
+    assert ids.count(256) == 2 and ids[-1] == 256  # each document ends with <|endoftext|>
+    docs = bytes(ids[:ids.index(256)]), bytes(ids[ids.index(256) + 1:-1])
+    assert docs[0].decode("utf-8") == text and docs[1] == b"second document"
+    enc = prepare_data.get_tokenizer("byte")
+    assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_CACHE), reason="no tiktoken cache beside the repo")
+def test_gpt2_tokenizer_works_offline_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.abspath(SHARED_CACHE))
+    enc = prepare_data.get_tokenizer("gpt2")
+    assert enc.encode_ordinary("Hello world") == [15496, 995] and enc.n_vocab == 50257
+    (tmp_path / "t.txt").write_text("Hello world", encoding="utf-8")
+    prepare_data.prepare(prepare_data.PrepareConfig(input=str(tmp_path / "t.txt"),
+                                                    tokenizer="gpt2", out_dir=str(tmp_path),
+                                                    val_fraction=0.0))
+    assert read_bins(tmp_path).tolist() == [15496, 995, 50256]
+
+
+def test_passkey_corpus_asks_for_keys_stated_earlier_at_many_distances():
+    docs = prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=7)
+    assert docs == prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=7)
+    assert docs != prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=8)
+    distances = []
+    for doc in docs:
+        stated = [(m.end(), m.group(1)) for m in re.finditer(r"The pass key is (\d+)\. Rem", doc)]
+        asked = [(m.start(), m.group(1)) for m in re.finditer(r"What is the pass key\? "
+                                                               r"The pass key is (\d+)\.", doc)]
+        assert len(stated) == len(asked) >= 1
+        for (said_at, key), (asked_at, answer) in zip(stated, asked):
+            assert answer == key and asked_at > said_at
+            distances.append(asked_at - said_at)
+    assert min(distances) < 32 * 2 and max(distances) > 32 * 32  # windows of 32 bytes
+
+
+# ---- the scripts ---------------------------------------------------------------------------
+
+TINY_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--window=8", "--n_state=16",
+            "--batch_size=4", "--bptt=2", "--eval_iters=2", "--log_interval=10",
+            "--warmup_iters=10", "--learning_rate=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run on a small built-in corpus: (data dir, out dir, logged losses)."""
+    root = tmp_path_factory.mktemp("run")
+    data = prepare_data.prepare(prepare_data.PrepareConfig(size=60_000, max_gap=256,
+                                                           out_dir=str(root / "data")))
+    cfg = configure(train.TrainConfig(), TINY_RUN + [
+        f"--data_dir={data}", f"--out_dir={root / 'out'}", "--max_iters=80",
+        "--eval_interval=40"])
+    return data, str(root / "out"), train.train(cfg)
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=HERE,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_training_loss_falls_and_the_checkpoint_loads(trained):
+    _, out, log = trained
+    assert log[-1][1] < log[0][1] - 1.0, log
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["iter_num"] == 80 and ckpt["meta"]["tokenizer"] == "byte"
+    assert ckpt["train_state"].shape == (4, 2, 16, 32)
+
+
+def test_sample_script_prints_a_continuation(trained):
+    _, out, _ = trained
+    result = run("sample.py", f"--out_dir={out}", "--prompt=The pass key is",
+                 "--max_new_tokens=40", "--temperature=0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The pass key is") and len(result.stdout) > 40
+
+
+def test_train_defaults_are_the_model_defaults():
+    model_defaults = FoldGPTConfig()
+    for f in fields(FoldGPTConfig):
+        if f.name != "vocab_size":
+            assert getattr(train.TrainConfig(), f.name) == getattr(model_defaults, f.name)
+
+
+def test_config_file_sets_values_and_refuses_code(tmp_path):
+    good = tmp_path / "good.py"
+    good.write_text('"""a preset"""\nmax_iters = 7\nlearning_rate = 1\nout_dir = "x"\n')
+    cfg = configure(train.TrainConfig(), [str(good), "--max_iters=9"])
+    assert (cfg.max_iters, cfg.learning_rate, cfg.out_dir) == (9, 1.0, "x")
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\n")
+    with pytest.raises(SystemExit) as e:
+        configure(train.TrainConfig(), [str(bad)])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["train.py", "--data_dir=no/such/dir"], "python prepare_data.py"),
+    (["sample.py", "--out_dir=no/such/dir"], "python train.py"),
+    (["train.py", "--bogus=1"], "unknown option --bogus"),
+    (["train.py", "--max_iters=ten"], "--max_iters wants a value of type int"),
+    (["train.py", "DATA", "--n_head=3"], "n_embd (128) must be n_head (3)"),
+    (["train.py", "DATA", "--window=0"], "window must be >= 1"),
+    (["train.py", "DATA", "--n_state=-1"], "n_state must be >= 0"),
+    (["train.py", "DATA", "--batch_size=100000"], "too few for 100000 streams"),
+])
+def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, args, says):
+    data, _, _ = trained
+    args = [f"--data_dir={data}" if a == "DATA" else a for a in args]
+    if not any(a.startswith("--out_dir") for a in args):
+        args.append(f"--out_dir={tmp_path}")
+    result = run(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert says in result.stderr
+    assert os.listdir(tmp_path) == []  # nothing written on the way out
