@@ -274,7 +274,7 @@ class FoldGPT(nn.Module):
             state = self.fold(window)
         window = self.open_window(state)
         x = self.step(idx[:, (P - 1) // W * W:], window)  # the rest fills the KV cache
-        new = []
+        out = torch.cat([idx, idx.new_empty(idx.size(0), max_new_tokens)], dim=1)  # (B, P+new)
         for i in range(max_new_tokens):
             logits = self.lm_head(x[:, -1, :])  # (B, V)
             if temperature <= 0:
@@ -285,7 +285,7 @@ class FoldGPT(nn.Module):
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
                 tok = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
-            new.append(tok)
+            out[:, P + i] = tok[:, 0]
             if on_token is not None:
                 on_token(tok)
             if window.n == W:  # the window is full: fold it; the new token opens the next
@@ -293,4 +293,4 @@ class FoldGPT(nn.Module):
                 window = self.open_window(state)
             if i < max_new_tokens - 1:
                 x = self.step(tok, window)  # one row through every layer, reading the KV cache
-        return torch.cat([idx] + new, dim=1), state
+        return out, state
