@@ -6,6 +6,7 @@ Tests of FoldGPT's invariants (DESIGN.md) and of the scripts around it, on tiny 
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import fields
@@ -296,3 +297,104 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, args, says):
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
     assert says in result.stderr
     assert os.listdir(tmp_path) == []  # nothing written on the way out
+
+
+# ---- never lose work, never run untrusted code ---------------------------------------------
+
+LONG_RUN = TINY_RUN + ["--max_iters=200", "--eval_interval=10", "--eval_iters=1",
+                       "--dropout=0.1"]  # dropout: the RNG states must come back too
+
+
+def ckpt_tensors(out):
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    opt = [t for s in ckpt["optimizer"]["state"].values() for t in s.values()]
+    return ckpt["iter_num"], list(ckpt["model"].values()) + opt
+
+
+@pytest.fixture(scope="module")
+def straight(trained, tmp_path_factory):
+    """The 200-step run done in one go, which a stopped and resumed run must match bit for bit."""
+    data, _, _ = trained
+    out = str(tmp_path_factory.mktemp("straight"))
+    result = run("train.py", *LONG_RUN, f"--data_dir={data}", f"--out_dir={out}")
+    assert result.returncode == 0, result.stderr
+    return data, ckpt_tensors(out)
+
+
+def stop_then_resume(data, out, sig):
+    """Start the long run, send sig once the checkpoint of iter 20 is written, then resume."""
+    proc = subprocess.Popen([sys.executable, "train.py", *LONG_RUN, f"--data_dir={data}",
+                             f"--out_dir={out}"], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("iter 20: val loss"):
+            proc.send_signal(sig)
+            break
+    rest = proc.stdout.read()
+    proc.wait(timeout=60)
+    stopped_at, _ = ckpt_tensors(out)
+    assert 20 <= stopped_at < 200, "the run ended before it could be stopped"
+    resumed = run("train.py", *LONG_RUN, f"--data_dir={data}", f"--out_dir={out}",
+                  "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    return proc.returncode, rest
+
+
+def test_resume_after_sigkill_is_bit_identical(straight, tmp_path):
+    data, (iters, expected) = straight
+    code, _ = stop_then_resume(data, str(tmp_path), signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    got_iters, got = ckpt_tensors(str(tmp_path))
+    assert got_iters == iters == 200 and len(got) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_ctrl_c_saves_and_resume_is_bit_identical(straight, tmp_path):
+    data, (_, expected) = straight
+    code, printed = stop_then_resume(data, str(tmp_path), signal.SIGINT)
+    assert code == 130 and "interrupted: saved iter" in printed
+    _, got = ckpt_tensors(str(tmp_path))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+class Trap:
+    """Unpickling this creates a file: what a malicious checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_checkpoint_and_state_files_that_would_run_code_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save(dict(model=Trap(str(marker))), tmp_path / "ckpt.pt")
+    result = run("sample.py", f"--out_dir={tmp_path}")
+    assert result.returncode == 2 and "cannot load checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr and not marker.exists()
+
+
+def test_state_file_carries_generation_across_runs(trained, tmp_path):
+    _, out, _ = trained
+    state = str(tmp_path / "a.state")
+    greedy = [f"--out_dir={out}", "--temperature=0", "--prompt=The pass key is"]
+    whole = run("sample.py", *greedy, "--max_new_tokens=50")
+    first = run("sample.py", *greedy, "--max_new_tokens=21", f"--state_out={state}")
+    second = run("sample.py", f"--out_dir={out}", "--temperature=0", "--max_new_tokens=29",
+                 f"--state_in={state}")
+    assert whole.returncode == first.returncode == second.returncode == 0, second.stderr
+    assert first.stdout[:-1] + second.stdout == whole.stdout
+    saved = torch.load(state, weights_only=True)
+    assert saved["state"].shape == (1, 2, 16, 32)  # fixed by the model, not by the text
+
+
+def test_state_file_from_another_model_is_refused(trained, tmp_path):
+    _, out, _ = trained
+    state = str(tmp_path / "a.state")
+    assert run("sample.py", f"--out_dir={out}", "--max_new_tokens=5",
+               f"--state_out={state}").returncode == 0
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    ckpt["model"]["lm_head.weight"] += 0.01  # the same shape, other weights
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    result = run("sample.py", f"--out_dir={tmp_path}", f"--state_in={state}")
+    assert result.returncode == 2 and "made by another model" in result.stderr

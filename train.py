@@ -11,6 +11,8 @@ Every knob is in TrainConfig below; `python train.py --help` lists them with the
 import json
 import math
 import os
+import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -141,11 +143,44 @@ def state_device(model):
     return model.lm_head.weight.device
 
 
-def save_checkpoint(path, **ckpt):
-    """Write to a temporary file, then rename: a crash mid-write leaves the old one whole."""
+def rng_states():
+    """Every random generator a run may draw from, in types torch.load(weights_only) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.copy()), pos,
+                                                 has_gauss, gauss),
+                torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path, ckpt):
+    """Write a temporary file in the same folder, flush it to disk, then rename it over the old
+    one: a crash at any moment leaves either the old checkpoint or the new one, whole."""
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_file(path, what, device="cpu"):
+    """torch.load with weights_only=True: tensors and plain data load, code in a pickle never
+    runs. Anything unreadable is a one-line error."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"cannot load {what} {path}: it is truncated, damaged, or holds more than "
+             f"tensors and plain data ({reason[:120]})")
 
 
 def load_checkpoint(out_dir, device):
@@ -153,12 +188,13 @@ def load_checkpoint(out_dir, device):
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}: train one with python train.py --out_dir={out_dir}")
+    ckpt = read_file(path, "checkpoint", device)
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        fail(f"cannot read checkpoint {path} ({type(e).__name__}): it is damaged or not ours")
-    model = FoldGPT(FoldGPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+        model = FoldGPT(FoldGPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        fail(f"checkpoint {path} does not hold a FoldGPT this code can build "
+             f"({type(e).__name__}): train a new one")
     return ckpt, model.to(device)
 
 
@@ -175,8 +211,31 @@ def read_meta(data_dir):
         if not os.path.exists(os.path.join(data_dir, split)):
             fail(f"no {split} in {data_dir}: make the data with python prepare_data.py "
                  "(see its --help for your own text)")
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        return json.load(f)
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+        vocab, tokenizer = meta["vocab_size"], meta["tokenizer"]
+    except (ValueError, KeyError) as e:
+        fail(f"{data_dir}/meta.json is damaged ({type(e).__name__}): remake the data with "
+             "python prepare_data.py")
+    if TOKENIZER_VOCAB.get(tokenizer) != vocab:
+        fail(f"{data_dir}/meta.json says tokenizer {tokenizer!r} with vocab {vocab}, which do not "
+             "go together: remake the data with python prepare_data.py")
+    return meta
+
+
+TOKENIZER_VOCAB = {"byte": 257, "gpt2": 50257}  # prepare_data.get_tokenizer(name).n_vocab
+
+
+def check_out_dir(out_dir):
+    """Fail now, not after an hour of training, if checkpoints cannot be written."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to out_dir {out_dir} ({e.strerror}): pick another --out_dir")
 
 
 def train(cfg):
@@ -190,63 +249,89 @@ def train(cfg):
     span = cfg.bptt * cfg.window
     train_data = StreamLoader(os.path.join(cfg.data_dir, "train.bin"), cfg.batch_size, span)
     val_data = StreamLoader(os.path.join(cfg.data_dir, "val.bin"), cfg.batch_size, span)
-    if cfg.init_from == "resume":
-        ckpt, model = load_checkpoint(cfg.out_dir, device)
-        if ckpt["model_args"] != asdict(model_config(cfg, meta["vocab_size"])):
-            fail(f"{cfg.out_dir}/ckpt.pt has model {ckpt['model_args']}, which differs from this "
-                 "config: resume with the same model settings")
-    elif cfg.init_from == "scratch":
-        try:
-            model = FoldGPT(model_config(cfg, meta["vocab_size"])).to(device)
-        except ValueError as e:
-            fail(str(e))
-    else:
+    if cfg.init_from not in ("scratch", "resume"):
         fail(f"init_from must be scratch or resume, got {cfg.init_from!r}")
+    try:
+        model = FoldGPT(model_config(cfg, meta["vocab_size"])).to(device)
+    except ValueError as e:
+        fail(str(e))
     optimizer = make_optimizer(model, cfg, device_type)
     it, best_val, state = 0, float("inf"), None
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from == "resume":
+        ckpt, model = load_checkpoint(cfg.out_dir, device)
+        if ckpt["model_args"] != asdict(model.config) or ckpt["meta"]["tokenizer"] != meta[
+                "tokenizer"]:
+            fail(f"{ckpt_path} was trained with another model or tokenizer than this config and "
+                 f"{cfg.data_dir} give: resume with the settings it was trained with")
+        optimizer = make_optimizer(model, cfg, device_type)
         optimizer.load_state_dict(ckpt["optimizer"])
         it, best_val, train_data.pos = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["train_pos"]
         state = None if ckpt["train_state"] is None else ckpt["train_state"].to(device)
+        set_rng_states(ckpt["rng"])
+        if it >= cfg.max_iters:
+            fail(f"{ckpt_path} is at iter {it} already: give a larger --max_iters to go on")
+    check_out_dir(cfg.out_dir)
     if cfg.compile:
         for block in model.transformer.h:
             block.compile()  # in place: the saved state_dict keeps its plain names
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    def save():
+        save_checkpoint(ckpt_path, dict(
+            model_args=asdict(model.config), model=model.state_dict(),
+            optimizer=optimizer.state_dict(), iter_num=it, best_val_loss=best_val,
+            config=asdict(cfg), meta=meta, train_pos=train_data.pos,
+            train_state=None if state is None else state.cpu(), rng=rng_states()))
+
     print(f"FoldGPT {model.num_params():,} parameters on {device}; W={cfg.window} "
           f"S={cfg.n_state} L={cfg.n_layer}; {cfg.batch_size} streams x {cfg.bptt} windows = "
           f"{cfg.batch_size * span:,} tokens per step; {meta['train_tokens']:,} train tokens")
+    # Ctrl-C asks the loop to stop after the step under way, so the checkpoint is a whole step.
+    interrupted = []
+    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     log, t_start, start_it = [], time.time(), it
-    while True:
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            val = evaluate(model, val_data, cfg.eval_iters, ctx)
-            best_val = min(best_val, val)
-            save_checkpoint(ckpt_path, model_args=asdict(model.config), model=model.state_dict(),
-                            optimizer=optimizer.state_dict(), iter_num=it, best_val_loss=best_val,
-                            config=asdict(cfg), meta=meta, train_pos=train_data.pos,
-                            train_state=None if state is None else state.cpu())
-            print(f"iter {it}: val loss {val:.4f}", flush=True)
-            t0, it0 = time.time(), it  # progress lines time the training steps only
-        if it == cfg.max_iters:
-            break
-        lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # ---- one step: bptt windows per stream, the state carried through all of them ----
-        x, y, fresh = train_data.next()
-        if fresh:
-            state = None  # the streams start over from the top: so does the state
-        loss, state = train_step(model, optimizer, x.to(device), y.to(device), state, cfg, ctx)
-        it += 1
-        # ------------------------------------------------------------------------------------
-        if it % cfg.log_interval == 0 or it == cfg.max_iters:
-            loss_f, dt = loss.item(), (time.time() - t0) / (it - it0)
-            eta = (time.time() - t_start) / (it - start_it) * (cfg.max_iters - it)
-            print(f"iter {it:5d} | loss {loss_f:.4f} | lr {lr:.2e} | "
-                  f"{cfg.batch_size * span / dt:7,.0f} tok/s | {dt * 1000:5.0f} ms/iter | "
-                  f"eta {eta / 60:.1f} min", flush=True)
-            log.append((it, loss_f))
-            t0, it0 = time.time(), it
+    t0, it0 = t_start, it
+    try:
+        while True:
+            if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+                val = evaluate(model, val_data, cfg.eval_iters, ctx)
+                best_val = min(best_val, val)
+                save()
+                print(f"iter {it}: val loss {val:.4f}", flush=True)
+                t0, it0 = time.time(), it  # progress lines time the training steps only
+            if it == cfg.max_iters:
+                break
+            lr = lr_at(it, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # ---- one step: bptt windows per stream, the state carried through all of them ----
+            x, y, fresh = train_data.next()
+            if fresh:
+                state = None  # the streams start over from the top: so does the state
+            loss, state = train_step(model, optimizer, x.to(device), y.to(device), state, cfg,
+                                     ctx)
+            it += 1
+            # ----------------------------------------------------------------------------------
+            if not torch.isfinite(loss):
+                print(f"error: the loss is {loss.item()} at iter {it}: stopped without saving; "
+                      f"{ckpt_path} keeps the last good checkpoint. Try a lower learning_rate.",
+                      file=sys.stderr)
+                sys.exit(1)
+            if interrupted:
+                save()
+                print(f"interrupted: saved iter {it} to {ckpt_path}; go on with "
+                      "--init_from=resume", flush=True)
+                sys.exit(130)
+            if it % cfg.log_interval == 0 or it == cfg.max_iters:
+                loss_f, dt = loss.item(), (time.time() - t0) / (it - it0)
+                eta = (time.time() - t_start) / (it - start_it) * (cfg.max_iters - it)
+                print(f"iter {it:5d} | loss {loss_f:.4f} | lr {lr:.2e} | "
+                      f"{cfg.batch_size * span / dt:7,.0f} tok/s | {dt * 1000:5.0f} ms/iter | "
+                      f"eta {eta / 60:.1f} min", flush=True)
+                log.append((it, loss_f))
+                t0, it0 = time.time(), it
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
     print(f"done in {(time.time() - t_start) / 60:.1f} min: val loss {val:.4f}, "
           f"checkpoint at {ckpt_path}")
     return log
