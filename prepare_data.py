@@ -114,7 +114,8 @@ def read_texts(path):
 
 
 def download_shakespeare():
-    url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+    url = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+           "tinyshakespeare/input.txt")
     try:
         with urllib.request.urlopen(url, timeout=20) as f:
             return [f.read()]

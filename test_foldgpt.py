@@ -4,6 +4,7 @@ Tests of FoldGPT's invariants (DESIGN.md) and of the scripts around it, on tiny 
     python -m pytest -q test_foldgpt.py
 """
 
+import json
 import os
 import re
 import signal
@@ -31,7 +32,8 @@ def tiny(**changes):
 
 
 def tokens(n, batch=2, seed=1):
-    return torch.randint(0, TINY["vocab_size"], (batch, n), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY["vocab_size"], (batch, n), generator=generator)
 
 
 def logits_token_by_token(model, idx):
@@ -277,26 +279,127 @@ def test_config_file_sets_values_and_refuses_code(tmp_path):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("args, says", [
-    (["train.py", "--data_dir=no/such/dir"], "python prepare_data.py"),
-    (["sample.py", "--out_dir=no/such/dir"], "python train.py"),
-    (["train.py", "--bogus=1"], "unknown option --bogus"),
-    (["train.py", "--max_iters=ten"], "--max_iters wants a value of type int"),
-    (["train.py", "DATA", "--n_head=3"], "n_embd (128) must be n_head (3)"),
-    (["train.py", "DATA", "--window=0"], "window must be >= 1"),
-    (["train.py", "DATA", "--n_state=-1"], "n_state must be >= 0"),
-    (["train.py", "DATA", "--batch_size=100000"], "too few for 100000 streams"),
-])
-def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, args, says):
-    data, _, _ = trained
-    args = [f"--data_dir={data}" if a == "DATA" else a for a in args]
-    if not any(a.startswith("--out_dir") for a in args):
-        args.append(f"--out_dir={tmp_path}")
+def files_under(*folders):
+    """{path: bytes} of every file under the folders: to see that a failure damaged nothing."""
+    return {os.path.join(root, f): open(os.path.join(root, f), "rb").read()
+            for folder in folders for root, _, names in os.walk(folder) for f in names}
+
+
+def copy_data(data, tmp, **meta_changes):
+    """A copy of the data folder in tmp with some meta.json fields changed."""
+    os.makedirs(tmp / "data")
+    for name in ("train.bin", "val.bin"):
+        (tmp / "data" / name).write_bytes(open(os.path.join(data, name), "rb").read())
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    (tmp / "data" / "meta.json").write_text(json.dumps({**meta, **meta_changes}))
+    return str(tmp / "data")
+
+
+def truncated_checkpoint(out, tmp):
+    whole = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    (tmp / "ckpt.pt").write_bytes(whole[:len(whole) // 2])
+    return str(tmp)
+
+
+# Each case: how to make its command line from (tmp folder, data, trained out), and what the one
+# line on stderr must say. Every one must exit 2 with that line alone and damage no file.
+BAD_INPUT = {
+    "input missing": (lambda tmp, data, out: [
+        "prepare_data.py", "--input=no/such.txt", f"--out_dir={tmp}"], "does not exist"),
+    "input empty": (lambda tmp, data, out: [
+        "prepare_data.py", f"--input={(tmp / 'e.txt').write_text('') and '' or tmp / 'e.txt'}",
+        f"--out_dir={tmp}"], "is empty"),
+    "unknown tokenizer": (lambda tmp, data, out: [
+        "prepare_data.py", "--tokenizer=sentencepiece", f"--out_dir={tmp}"],
+        "unknown tokenizer 'sentencepiece'"),
+    "unknown dataset": (lambda tmp, data, out: [
+        "prepare_data.py", "--dataset=wiki", f"--out_dir={tmp}"], "unknown dataset 'wiki'"),
+    "data missing": (lambda tmp, data, out: [
+        "train.py", "--data_dir=no/such/dir", f"--out_dir={tmp}"], "python prepare_data.py"),
+    "corpus too small": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}", "--batch_size=100000", f"--out_dir={tmp}"],
+        "too few for 100000 streams"),
+    "meta vocab wrong": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={copy_data(data, tmp, vocab_size=100)}", f"--out_dir={tmp}"],
+        "do not go together"),
+    "meta tokenizer differs from the checkpoint's": (lambda tmp, data, out: [
+        "train.py", *TINY_RUN, "--init_from=resume", "--max_iters=1000",
+        f"--data_dir={copy_data(data, tmp, tokenizer='gpt2', vocab_size=50257)}",
+        f"--out_dir={out}"], "trained with another model or tokenizer"),
+    "unknown key": (lambda tmp, data, out: [
+        "train.py", "--bogus=1", f"--out_dir={tmp}"], "unknown option --bogus; valid options:"),
+    "wrong type": (lambda tmp, data, out: [
+        "train.py", "--max_iters=ten", f"--out_dir={tmp}"],
+        "--max_iters wants a value of type int"),
+    "n_embd not a multiple of n_head": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}", "--n_head=3", f"--out_dir={tmp}"],
+        "n_embd (128) must be n_head (3)"),
+    "window < 1": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}", "--window=0", f"--out_dir={tmp}"],
+        "window must be >= 1"),
+    "n_state < 0": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}", "--n_state=-1", f"--out_dir={tmp}"],
+        "n_state must be >= 0"),
+    "resume without a checkpoint": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}", "--init_from=resume", f"--out_dir={tmp}"],
+        "no checkpoint at"),
+    "resume with another model shape": (lambda tmp, data, out: [
+        "train.py", *TINY_RUN, "--n_layer=3", f"--data_dir={data}", "--init_from=resume",
+        "--max_iters=1000", f"--out_dir={out}"], "trained with another model or tokenizer"),
+    "resume past max_iters": (lambda tmp, data, out: [
+        "train.py", *TINY_RUN, f"--data_dir={data}", "--init_from=resume", "--max_iters=80",
+        f"--out_dir={out}"], "give a larger --max_iters"),
+    "truncated checkpoint": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={truncated_checkpoint(out, tmp)}"], "cannot load checkpoint"),
+    "no checkpoint to sample": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={tmp}"], "python train.py"),
+    "out_dir not writable": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}",
+        f"--out_dir={(tmp / 'f').write_text('a file') and tmp / 'f' / 'sub'}"],
+        "cannot write to out_dir"),
+    "prompt file missing": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={out}", "--prompt=FILE:no/such.txt"],
+        "prompt file no/such.txt does not exist"),
+    "negative max_new_tokens": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={out}", "--max_new_tokens=-5"], "max_new_tokens must be >= 0"),
+    "state file missing": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={out}", "--state_in=no/such.state"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_line_exit_2_and_damages_nothing(trained, tmp_path, case):
+    data, out, _ = trained
+    make_args, says = BAD_INPUT[case]
+    args = make_args(tmp_path, data, out)
+    before = files_under(data, out, tmp_path)
     result = run(*args)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert says in result.stderr
-    assert os.listdir(tmp_path) == []  # nothing written on the way out
+    assert files_under(data, out, tmp_path) == before
+
+
+def test_sampling_options_out_of_range_are_fixed_and_said_once(trained):
+    _, out, _ = trained
+    result = run("sample.py", f"--out_dir={out}", "--prompt=", "--temperature=0",
+                 "--top_k=100000", "--max_new_tokens=20")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("greedy") == 1 and result.stderr.count("all of them") == 1
+    assert len(result.stdout) > 1  # an empty prompt starts from <|endoftext|>
+
+
+def test_text_that_is_not_utf8(tmp_path, monkeypatch):
+    raw = b"caf\xe9 latin-1 \xff\xfe bytes\n"
+    (tmp_path / "latin.txt").write_bytes(raw)
+    out = prepare_data.prepare(prepare_data.PrepareConfig(
+        input=str(tmp_path / "latin.txt"), out_dir=str(tmp_path / "byte"), val_fraction=0.0))
+    assert bytes(read_bins(out).tolist()[:-1]) == raw  # the byte tokenizer keeps every byte
+    if os.path.isdir(SHARED_CACHE):
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.abspath(SHARED_CACHE))
+        result = run("prepare_data.py", f"--input={tmp_path / 'latin.txt'}", "--tokenizer=gpt2",
+                     f"--out_dir={tmp_path / 'gpt2'}")
+        assert result.returncode == 0 and "not valid UTF-8" in result.stdout
 
 
 # ---- never lose work, never run untrusted code ---------------------------------------------
@@ -398,3 +501,14 @@ def test_state_file_from_another_model_is_refused(trained, tmp_path):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     result = run("sample.py", f"--out_dir={tmp_path}", f"--state_in={state}")
     assert result.returncode == 2 and "made by another model" in result.stderr
+
+
+def test_a_loss_that_blows_up_stops_the_run_and_keeps_the_last_good_checkpoint(trained, tmp_path):
+    data, _, _ = trained
+    result = run("train.py", *TINY_RUN, f"--data_dir={data}", f"--out_dir={tmp_path}",
+                 "--learning_rate=1e12", "--warmup_iters=1", "--grad_clip=0",
+                 "--weight_decay=0", "--max_iters=50", "--eval_interval=40")
+    assert result.returncode == 1 and "keeps the last good checkpoint" in result.stderr
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 0  # saved before training began, not overwritten since
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())

@@ -83,7 +83,8 @@ class StreamLoader:
         fresh = self.pos == 0 or self.pos + self.span + 1 > self.stream_len
         if self.pos + self.span + 1 > self.stream_len:
             self.pos = 0
-        chunk = torch.from_numpy(self.streams[:, self.pos:self.pos + self.span + 1].astype(np.int64))
+        chunk = self.streams[:, self.pos:self.pos + self.span + 1].astype(np.int64)
+        chunk = torch.from_numpy(chunk)  # (B, span + 1)
         self.pos += self.span
         return chunk[:, :-1], chunk[:, 1:], fresh
 
@@ -106,7 +107,8 @@ def lr_at(it, cfg):
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
     progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
 
 
 def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext()):
@@ -227,6 +229,28 @@ def read_meta(data_dir):
 TOKENIZER_VOCAB = {"byte": 257, "gpt2": 50257}  # prepare_data.get_tokenizer(name).n_vocab
 
 
+class Progress:
+    """Times the training steps, not the evaluations, and prints the progress lines."""
+
+    def __init__(self, cfg, it):
+        self.tokens_per_step = cfg.batch_size * cfg.bptt * cfg.window
+        self.max_iters, self.start_it, self.t_start = cfg.max_iters, it, time.time()
+        self.log = []  # (iter, train loss) at each line
+        self.restart(it)
+
+    def restart(self, it):
+        self.t0, self.it0 = time.time(), it
+
+    def report(self, it, loss, lr):
+        dt = (time.time() - self.t0) / (it - self.it0)
+        eta = (time.time() - self.t_start) / (it - self.start_it) * (self.max_iters - it)
+        print(f"iter {it:5d} | loss {loss:.4f} | lr {lr:.2e} | "
+              f"{self.tokens_per_step / dt:7,.0f} tok/s | {dt * 1000:5.0f} ms/iter | "
+              f"eta {eta / 60:.1f} min", flush=True)
+        self.log.append((it, loss))
+        self.restart(it)
+
+
 def check_out_dir(out_dir):
     """Fail now, not after an hour of training, if checkpoints cannot be written."""
     try:
@@ -251,20 +275,23 @@ def train(cfg):
     val_data = StreamLoader(os.path.join(cfg.data_dir, "val.bin"), cfg.batch_size, span)
     if cfg.init_from not in ("scratch", "resume"):
         fail(f"init_from must be scratch or resume, got {cfg.init_from!r}")
+    model_args = model_config(cfg, meta["vocab_size"])
     try:
-        model = FoldGPT(model_config(cfg, meta["vocab_size"])).to(device)
+        model_args.check()
     except ValueError as e:
         fail(str(e))
-    optimizer = make_optimizer(model, cfg, device_type)
     it, best_val, state = 0, float("inf"), None
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.init_from == "resume":
+    if cfg.init_from == "scratch":
+        model = FoldGPT(model_args).to(device)
+    else:
         ckpt, model = load_checkpoint(cfg.out_dir, device)
-        if ckpt["model_args"] != asdict(model.config) or ckpt["meta"]["tokenizer"] != meta[
+        if ckpt["model_args"] != asdict(model_args) or ckpt["meta"]["tokenizer"] != meta[
                 "tokenizer"]:
             fail(f"{ckpt_path} was trained with another model or tokenizer than this config and "
                  f"{cfg.data_dir} give: resume with the settings it was trained with")
-        optimizer = make_optimizer(model, cfg, device_type)
+    optimizer = make_optimizer(model, cfg, device_type)
+    if cfg.init_from == "resume":  # go on exactly where the checkpoint stopped
         optimizer.load_state_dict(ckpt["optimizer"])
         it, best_val, train_data.pos = ckpt["iter_num"], ckpt["best_val_loss"], ckpt["train_pos"]
         state = None if ckpt["train_state"] is None else ckpt["train_state"].to(device)
@@ -289,8 +316,7 @@ def train(cfg):
     # Ctrl-C asks the loop to stop after the step under way, so the checkpoint is a whole step.
     interrupted = []
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    log, t_start, start_it = [], time.time(), it
-    t0, it0 = t_start, it
+    progress = Progress(cfg, it)
     try:
         while True:
             if it % cfg.eval_interval == 0 or it == cfg.max_iters:
@@ -298,7 +324,7 @@ def train(cfg):
                 best_val = min(best_val, val)
                 save()
                 print(f"iter {it}: val loss {val:.4f}", flush=True)
-                t0, it0 = time.time(), it  # progress lines time the training steps only
+                progress.restart(it)  # progress lines time the training steps only
             if it == cfg.max_iters:
                 break
             lr = lr_at(it, cfg)
@@ -323,18 +349,12 @@ def train(cfg):
                       "--init_from=resume", flush=True)
                 sys.exit(130)
             if it % cfg.log_interval == 0 or it == cfg.max_iters:
-                loss_f, dt = loss.item(), (time.time() - t0) / (it - it0)
-                eta = (time.time() - t_start) / (it - start_it) * (cfg.max_iters - it)
-                print(f"iter {it:5d} | loss {loss_f:.4f} | lr {lr:.2e} | "
-                      f"{cfg.batch_size * span / dt:7,.0f} tok/s | {dt * 1000:5.0f} ms/iter | "
-                      f"eta {eta / 60:.1f} min", flush=True)
-                log.append((it, loss_f))
-                t0, it0 = time.time(), it
+                progress.report(it, loss.item(), lr)
     finally:
         signal.signal(signal.SIGINT, old_handler)
-    print(f"done in {(time.time() - t_start) / 60:.1f} min: val loss {val:.4f}, "
+    print(f"done in {(time.time() - progress.t_start) / 60:.1f} min: val loss {val:.4f}, "
           f"checkpoint at {ckpt_path}")
-    return log
+    return progress.log
 
 
 if __name__ == "__main__":
