@@ -22,7 +22,9 @@ from configurator import configure
 from foldgpt import FoldGPT, FoldGPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED_CACHE = os.path.join(HERE, "..", "shared", "tiktoken_cache")
+# tiktoken's cache of the gpt2 BPE: where TIKTOKEN_CACHE_DIR points, else the project's shared/.
+SHARED_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(HERE, "..", "shared",
+                                                                    "tiktoken_cache")
 TINY = dict(vocab_size=32, window=4, n_state=8, n_layer=2, n_head=2, n_embd=16)
 
 
