@@ -57,36 +57,40 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.fast = True  # F.scaled_dot_product_attention; False runs the same sum written out
-        # The rows of a window are its slots: 0..S-1 hold the carried states, S..S+W-1 the
-        # tokens. The same-time rule is this one causal mask over the slots: slot r reads
-        # slots <= r. So a token reads all S carried rows of its layer and the tokens up to
-        # itself; a carried row reads only older carried rows, never the window after it.
+        # Slot positions for the rotary code. The rows of a window are its slots: 0..S-1 hold
+        # the carried states, S..S+W-1 the tokens. The fold shifts every row down by the T
+        # slots the window added, so the slot distance between two rows is their distance in
+        # the stream, whichever window each came from.
         slots = config.n_state + config.window
-        self.register_buffer("mask", torch.ones(slots, slots).tril().bool(), persistent=False)
-        # Slot positions for the rotary code. The fold shifts every row down by the T slots
-        # the window added, so the slot distance between two rows is their distance in the
-        # stream, whichever window each came from.
         hs = config.n_embd // config.n_head
         freq = 10000.0 ** (-torch.arange(0, hs, 2).float() / hs)  # (hs/2,)
         angle = torch.arange(slots).float()[:, None] * freq[None, :]  # (S+W, hs/2)
         self.register_buffer("cos", angle.cos(), persistent=False)
         self.register_buffer("sin", angle.sin(), persistent=False)
 
-    def forward(self, x, kv=None):
-        """x: (B, T, C) new rows; kv: the keys and values of the P rows before them, or None.
-        Returns the new rows' outputs (B, T, C) and the keys and values of all P + T rows."""
+    def project(self, x, P):
+        """Queries, keys and values (B, nh, T, hs) of rows x (B, T, C) at slots P..P+T-1."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        cos, sin = self.cos[P:P + T], self.sin[P:P + T]
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def forward(self, x, kv=None):
+        """x: (B, T, C) new rows; kv: the keys and values of the P rows before them, or None.
+        Returns the new rows' outputs (B, T, C) and the keys and values of all P + T rows."""
+        B, T, C = x.size()
         P = 0 if kv is None else kv[0].size(2)
-        q = rotate(q, self.cos[P:P + T], self.sin[P:P + T])
-        k = rotate(k, self.cos[P:P + T], self.sin[P:P + T])
+        q, k, v = self.project(x, P)
         if kv is not None:
             k = torch.cat([kv[0], k], dim=2)  # (B, nh, P+T, hs)
             v = torch.cat([kv[1], v], dim=2)  # (B, nh, P+T, hs)
-        mask = self.mask[P:P + T, :P + T]  # (T, P+T): new row i reads rows <= P + i
+        # The same-time rule is one causal mask over the slots: slot r reads slots <= r. So a
+        # token reads all S carried rows of its layer and the tokens up to itself, and a
+        # carried row reads only older carried rows, never the window after it.
+        mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # (T, P+T)
         if self.fast:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
@@ -123,6 +127,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
+    def keys_values(self, x):
+        """The keys and values this block reads from rows x at slots 0..T-1."""
+        _, k, v = self.attn.project(self.ln_1(x), 0)
+        return k, v
+
     def forward(self, x, kv=None):
         a, kv = self.attn(self.ln_1(x), kv)
         x = x + a
@@ -158,10 +167,10 @@ class FoldGPTConfig:
 
 @dataclass
 class Window:
-    """What the current window has computed so far, per layer: the keys and values of its rows
-    (carried rows first), the carried rows once more evolved, and the tokens' inputs."""
+    """What the current window has computed so far: the state it opened on, and per layer the
+    keys and values of its rows (carried rows first) and the token states that entered it."""
+    state: torch.Tensor  # (B, L, S, C)
     kv: list  # per layer: (k, v), each (B, nh, S+n, hs), or None while there are no rows
-    evolved: list  # per layer: (B, S, C), the carried rows after this window's Block l
     inputs: list  # per layer: (B, n, C), the token states that entered Block l
     n: int = 0  # tokens in the window so far
 
@@ -204,13 +213,11 @@ class FoldGPT(nn.Module):
     # once in training, one at a time when sampling), fold it into the next state.
 
     def open_window(self, state):
-        """Evolve each layer's carried rows by its block and keep their keys and values."""
-        window = Window(kv=[], evolved=[], inputs=[])
+        """Start a window on the carried state: the keys and values its tokens will read."""
+        window = Window(state=state, kv=[], inputs=[])
         for l, block in enumerate(self.transformer.h):
             rows = state[:, l]  # (B, S, C): the past, at the same time (layer) as Block l
-            evolved, kv = block(rows) if rows.size(1) else (rows, None)
-            window.kv.append(kv)
-            window.evolved.append(evolved)
+            window.kv.append(block.keys_values(rows) if rows.size(1) else None)
             window.inputs.append(rows[:, :0])  # (B, 0, C): no tokens yet
         return window
 
@@ -224,10 +231,20 @@ class FoldGPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def fold(self, window):
-        """The next state: per layer, the last S rows of [evolved carried rows ; tokens]."""
+        """The next state: per layer, the last S rows of [carried rows ; tokens at layer l],
+        where the carried rows that stay are first evolved once more by Block l. Each reads
+        only the carried rows up to itself, so none of this depends on the window's tokens."""
         S = self.config.n_state
-        rows = [torch.cat([e, x], dim=1) for e, x in zip(window.evolved, window.inputs)]
-        return torch.stack([r[:, r.size(1) - S:] for r in rows], dim=1)  # (B, L, S, C)
+        gone = min(window.n, S)  # the oldest carried rows make way for the window's tokens
+        state = []
+        for l, block in enumerate(self.transformer.h):
+            stay = window.state[:, l, gone:]  # (B, S-gone, C)
+            if stay.size(1):  # evolve them, reading the keys and values of the rows before
+                k, v = window.kv[l]
+                stay, _ = block(stay, (k[:, :, :gone], v[:, :, :gone]))
+            rows = torch.cat([stay, window.inputs[l]], dim=1)  # (B, S-gone+n, C)
+            state.append(rows[:, rows.size(1) - S:])  # (B, S, C)
+        return torch.stack(state, dim=1)  # (B, L, S, C)
 
     def forward(self, idx, state=None, targets=None):
         """One window: idx (B, T) with T <= W -> logits (B, T, V), loss or None, next state."""
