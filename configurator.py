@@ -4,6 +4,7 @@ The command line of every FoldGPT script: a dataclass of knobs, overridden by co
 read their arguments the same way and fail the same way.
 
     python train.py config/tiny.py --max_iters=100 --compile=False
+    python bench.py --quick                   # a bare --flag sets a bool option to True
 
 A config file holds `key = value` lines of Python literals. It is parsed, never executed.
 """
@@ -76,11 +77,11 @@ def configure(config, argv):
             sys.exit(0)
         if arg.startswith("--"):
             name, eq, text = arg[2:].partition("=")
-            if not eq:
-                fail(f"write flags as --key=value, got {arg!r}")
             if name not in kinds:
                 fail(f"unknown option --{name}; valid options: {valid}")
-            setattr(config, name, parse_value(name, kinds[name], text))
+            if not eq and kinds[name] is not bool:
+                fail(f"write flags as --key=value, got {arg!r}")
+            setattr(config, name, parse_value(name, kinds[name], text) if eq else True)
         else:
             for name, value in read_config_file(arg).items():
                 if name not in kinds:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def rotate(x, cos, sin):
@@ -91,12 +92,13 @@ class CausalSelfAttention(nn.Module):
         # token reads all S carried rows of its layer and the tokens up to itself, and a
         # carried row reads only older carried rows, never the window after it.
         mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # (T, P+T)
+        mask = None if T == 1 else mask  # one new row reads every row: no mask needed
         if self.fast:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         else:  # the path sum written out: weights exp(q.k) / sum exp(q.k) over readable rows
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, P+T)
-            att = att.masked_fill(~mask, float("-inf"))
+            att = att if mask is None else att.masked_fill(~mask, float("-inf"))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
@@ -167,11 +169,13 @@ class FoldGPTConfig:
 
 @dataclass
 class Window:
-    """What the current window has computed so far: the state it opened on, and per layer the
-    keys and values of its rows (carried rows first) and the token states that entered it."""
-    state: torch.Tensor  # (B, L, S, C)
-    kv: list  # per layer: (k, v), each (B, nh, S+n, hs), or None while there are no rows
+    """A window under way. It opens knowing how many tokens it will hold (size), so the carried
+    rows that the fold will push out only lend their keys and values, while the rows that stay
+    ride through each block with the window's first tokens, which evolves them once more."""
+    stay: list  # per layer: (B, S-gone, C) carried rows that stay; evolved by the first step
+    kv: list  # per layer: (k, v) of the rows so far, each (B, nh, rows, hs), or None
     inputs: list  # per layer: (B, n, C), the token states that entered Block l
+    size: int  # tokens the window will hold when it is folded
     n: int = 0  # tokens in the window so far
 
 
@@ -212,12 +216,14 @@ class FoldGPT(nn.Module):
     # A window in three parts: open it on the carried state, step its tokens through (all at
     # once in training, one at a time when sampling), fold it into the next state.
 
-    def open_window(self, state):
-        """Start a window on the carried state: the keys and values its tokens will read."""
-        window = Window(state=state, kv=[], inputs=[])
+    def open_window(self, state, size):
+        """Start a window of size tokens on the carried state (B, L, S, C)."""
+        gone = min(size, self.config.n_state)  # the oldest rows make way for the new tokens
+        window = Window(stay=[], kv=[], inputs=[], size=size)
         for l, block in enumerate(self.transformer.h):
             rows = state[:, l]  # (B, S, C): the past, at the same time (layer) as Block l
-            window.kv.append(block.keys_values(rows) if rows.size(1) else None)
+            window.kv.append(block.keys_values(rows[:, :gone]) if gone else None)
+            window.stay.append(rows[:, gone:])  # (B, S-gone, C)
             window.inputs.append(rows[:, :0])  # (B, 0, C): no tokens yet
         return window
 
@@ -226,25 +232,23 @@ class FoldGPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         for l, block in enumerate(self.transformer.h):
             window.inputs[l] = torch.cat([window.inputs[l], x], dim=1)  # (B, n+T, C)
-            x, window.kv[l] = block(x, window.kv[l])
+            m = window.stay[l].size(1) if window.n == 0 else 0  # rows riding with the first
+            rows = torch.cat([window.stay[l], x], dim=1) if m else x  # (B, m+T, C)
+            out, window.kv[l] = block(rows, window.kv[l])
+            if m:
+                window.stay[l] = out[:, :m]  # the carried rows, evolved once more
+            x = out[:, m:]  # (B, T, C)
         window.n += idx.size(1)
         return self.transformer.ln_f(x)
 
     def fold(self, window):
-        """The next state: per layer, the last S rows of [carried rows ; tokens at layer l],
-        where the carried rows that stay are first evolved once more by Block l. Each reads
-        only the carried rows up to itself, so none of this depends on the window's tokens."""
+        """The next state: per layer, the last S rows of [evolved carried rows ; tokens at
+        layer l]. The carried rows read only older carried rows, never the window's tokens."""
+        if window.n != window.size:
+            raise ValueError(f"a window opened for {window.size} tokens holds {window.n}")
         S = self.config.n_state
-        gone = min(window.n, S)  # the oldest carried rows make way for the window's tokens
-        state = []
-        for l, block in enumerate(self.transformer.h):
-            stay = window.state[:, l, gone:]  # (B, S-gone, C)
-            if stay.size(1):  # evolve them, reading the keys and values of the rows before
-                k, v = window.kv[l]
-                stay, _ = block(stay, (k[:, :, :gone], v[:, :, :gone]))
-            rows = torch.cat([stay, window.inputs[l]], dim=1)  # (B, S-gone+n, C)
-            state.append(rows[:, rows.size(1) - S:])  # (B, S, C)
-        return torch.stack(state, dim=1)  # (B, L, S, C)
+        rows = [torch.cat([stay, x], dim=1) for stay, x in zip(window.stay, window.inputs)]
+        return torch.stack([r[:, r.size(1) - S:] for r in rows], dim=1)  # (B, L, S, C)
 
     def forward(self, idx, state=None, targets=None):
         """One window: idx (B, T) with T <= W -> logits (B, T, V), loss or None, next state."""
@@ -252,16 +256,22 @@ class FoldGPT(nn.Module):
         if T > self.config.window:
             raise ValueError(f"forward takes one window of at most {self.config.window} "
                              f"tokens, got {T}: use forward_stream for longer input")
-        window = self.open_window(self.initial_state(B) if state is None else state)
+        window = self.open_window(self.initial_state(B) if state is None else state, T)
         logits = self.lm_head(self.step(idx, window))  # (B, T, V)
         return logits, self.loss(logits, targets), self.fold(window)
 
-    def forward_stream(self, idx, state=None, targets=None):
-        """Many windows, carrying the state: idx (B, N) -> logits (B, N, V), loss, state."""
+    def forward_stream(self, idx, state=None, targets=None, grad_ckpt=False):
+        """Many windows, carrying the state: idx (B, N) -> logits (B, N, V), loss, state.
+        grad_ckpt keeps only what enters and leaves each window for the backward pass, which
+        runs the window again: activation memory O(windows) states plus one window."""
         W = self.config.window
         logits = []
         for t in range(0, idx.size(1), W):
-            window_logits, _, state = self(idx[:, t:t + W], state)
+            if grad_ckpt and torch.is_grad_enabled():
+                window_logits, _, state = checkpoint(self, idx[:, t:t + W], state,
+                                                     use_reentrant=False)
+            else:
+                window_logits, _, state = self(idx[:, t:t + W], state)
             logits.append(window_logits)
         logits = torch.cat(logits, dim=1)  # (B, N, V)
         return logits, self.loss(logits, targets), state
@@ -286,10 +296,10 @@ class FoldGPT(nn.Module):
             raise ValueError("generate needs at least one token to start from")
         state = self.initial_state(idx.size(0)) if state is None else state
         for t in range(0, (P - 1) // W * W, W):  # fold whole windows, keep >= 1 token to go on
-            window = self.open_window(state)
+            window = self.open_window(state, W)
             self.step(idx[:, t:t + W], window)
             state = self.fold(window)
-        window = self.open_window(state)
+        window = self.open_window(state, W)
         x = self.step(idx[:, (P - 1) // W * W:], window)  # the rest fills the KV cache
         out = torch.cat([idx, idx.new_empty(idx.size(0), max_new_tokens)], dim=1)  # (B, P+new)
         for i in range(max_new_tokens):
@@ -307,7 +317,7 @@ class FoldGPT(nn.Module):
                 on_token(tok)
             if window.n == W:  # the window is full: fold it; the new token opens the next
                 state = self.fold(window)
-                window = self.open_window(state)
+                window = self.open_window(state, W)
             if i < max_new_tokens - 1:
                 x = self.step(tok, window)  # one row through every layer, reading the KV cache
         return out, state

@@ -42,6 +42,7 @@ class TrainConfig:
     # one optimizer step: batch_size streams x bptt windows, state carried through them
     batch_size: int = 16  # B: streams read side by side, each a contiguous part of the corpus
     bptt: int = 4  # windows per step through which gradients flow (truncated BPTT)
+    grad_ckpt: bool = False  # recompute each window in backward: memory O(bptt) states
     # AdamW, with warmup then cosine decay to min_lr at max_iters
     max_iters: int = 1500  # optimizer steps
     learning_rate: float = 2e-3  # peak learning rate
@@ -114,7 +115,7 @@ def lr_at(it, cfg):
 def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext()):
     """One optimizer step over x, y (B, bptt * W) from state; returns the loss and next state."""
     with ctx:
-        _, loss, state = model.forward_stream(x, state, y)
+        _, loss, state = model.forward_stream(x, state, y, grad_ckpt=cfg.grad_ckpt)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:

@@ -1,0 +1,301 @@
+"""
+Speed and memory of FoldGPT beside the plain GPTs a user would otherwise run, in one run, as
+ratios (the machine may be shared and noisy): medians of repeats, warm-up excluded.
+
+    python bench.py --quick      # at most 3 minutes on 2 CPU cores
+    python bench.py              # the full run, at most 15 minutes
+    python bench.py --n_embd=384 --n_layer=6 --n_head=6    # another model size
+
+Sampling, batch 1, the same model size for all three:
+  FoldGPT     the prompt folded window by window, then one row per token (generate)
+  crop        nanoGPT's sampler: a plain GPT with block S + W (the rows FoldGPT attends to)
+              that crops the context to its block and recomputes the block for every token
+  kv cache    a plain GPT whose KV cache grows over the whole context
+Training, the same model and tokens per step: FoldGPT over bptt windows (with and without
+grad_ckpt) beside a plain GPT with block bptt x W. The plain GPTs are FoldGPT with n_state = 0:
+the same code, so only the folding differs. Peak memory is what one measurement adds to a fresh
+process, which does nothing else: its peak RSS above the RSS it had once torch and the model
+code were loaded (Linux), or torch.cuda.max_memory_allocated on a GPU.
+Prints a table, writes bench.csv, and bench.png when matplotlib is installed.
+"""
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from configurator import configure
+from foldgpt import FoldGPT, FoldGPTConfig
+from train import pick_device
+
+
+@dataclass
+class BenchConfig:
+    quick: bool = False  # a smaller run: at most 3 minutes on 2 CPU cores
+    window: int = 32  # the model of every contender (defaults: the quick-start model)
+    n_state: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    vocab_size: int = 257
+    device: str = "auto"
+    csv: str = "bench.csv"  # where the figures go; bench.png beside it
+    child: str = ""  # internal: 'sample' or 'train', one memory measurement in a fresh process
+    contender: str = ""  # internal
+    tokens: int = 0  # internal
+    batch_size: int = 1  # internal
+    bptt: int = 1  # internal
+    grad_ckpt: bool = False  # internal
+
+
+def model_for(cfg, contender, context=0):
+    """FoldGPT, or a plain GPT (n_state = 0) whose window is the crop block or the context."""
+    args = dict(vocab_size=cfg.vocab_size, window=cfg.window, n_state=cfg.n_state,
+                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    if contender == "crop":
+        args.update(window=cfg.n_state + cfg.window, n_state=0)
+    elif contender in ("kv cache", "plain"):
+        args.update(window=context, n_state=0)
+    torch.manual_seed(0)
+    return FoldGPT(FoldGPTConfig(**args)).to(pick_device(cfg.device))
+
+
+@torch.no_grad()
+def sample_times(model, contender, prompt, n):
+    """Wall time of each of n greedy tokens after prompt (1, P), in seconds."""
+    stamps = [time.perf_counter()]
+    if contender == "FoldGPT":
+        model.generate(prompt, n, temperature=0, on_token=lambda tok: stamps.append(
+            time.perf_counter()))
+        return [b - a for a, b in zip(stamps[1:], stamps[2:])]  # the first follows the prompt
+    if contender == "crop":
+        block = model.config.window
+        ctx = prompt[:, -block:]
+        for _ in range(n):
+            logits, _, _ = model(ctx)
+            tok = logits[:, -1].argmax(dim=-1, keepdim=True)
+            ctx = torch.cat([ctx, tok], dim=1)[:, -block:]
+            stamps.append(time.perf_counter())
+        return [b - a for a, b in zip(stamps, stamps[1:])]
+    window = model.open_window(model.initial_state(1), model.config.window)  # one long window
+    for t in range(0, prompt.size(1), 512):
+        x = model.step(prompt[:, t:t + 512], window)
+    stamps = [time.perf_counter()]
+    for _ in range(n):
+        tok = model.lm_head(x[:, -1]).argmax(dim=-1, keepdim=True)
+        x = model.step(tok, window)
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def sampling_latency(cfg, positions, repeats):
+    """{contender: {position: median over repeats of the mean ms per token}}."""
+    n = 2 * cfg.window  # tokens timed per repeat: two folds for FoldGPT
+    models = {c: model_for(cfg, c, max(positions) + n + 1)
+              for c in ("FoldGPT", "crop", "kv cache")}
+    device = pick_device(cfg.device)
+    table = {c: {} for c in models}
+    for p in positions:
+        prompt = torch.randint(0, cfg.vocab_size, (1, p), device=device)
+        for c, model in models.items():
+            sample_times(model, c, prompt[:, :64], 8)  # warm-up
+            means = [statistics.mean(sample_times(model, c, prompt, n)) for _ in range(repeats)]
+            table[c][p] = 1000 * statistics.median(means)
+        print(f"  position {p:6,}: " + "  ".join(f"{c} {table[c][p]:.2f} ms" for c in table),
+              flush=True)
+    return table
+
+
+def train_figures(cfg, contender, batch_size, bptt, steps, grad_ckpt):
+    """(median tokens/s over steps after the first two, of one training configuration)."""
+    span = bptt * cfg.window
+    model = model_for(cfg, contender, context=span).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device = pick_device(cfg.device)
+    data = torch.randint(0, cfg.vocab_size, (batch_size, steps * span + 1), device=device)
+    state, times = None, []
+    for i in range(steps):  # ordered streams: step i reads on where step i - 1 stopped
+        x, y = data[:, i * span:(i + 1) * span], data[:, i * span + 1:(i + 1) * span + 1]
+        t = time.perf_counter()
+        _, loss, state = model.forward_stream(x, state, y, grad_ckpt=grad_ckpt)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        state = state.detach()
+        times.append(time.perf_counter() - t)
+    return batch_size * span / statistics.median(times[2:])
+
+
+def rss_mb(field):
+    with open("/proc/self/status") as f:  # Linux
+        return int([line for line in f if line.startswith(field + ":")][0].split()[1]) / 1024
+
+
+def reset_peak_memory():
+    """Start counting here: importing torch alone takes (and peaks) far above a small model.
+    Returns the memory in use now, which peak_memory_mb leaves out."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak RSS (VmHWM)
+        f.write("5")
+    return rss_mb("VmRSS")
+
+
+def peak_memory_mb():
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return rss_mb("VmHWM")
+
+
+def child(cfg):
+    """One measurement in this fresh process; prints one JSON line."""
+    # Warm up torch's one-time machinery (thread pools, kernels) on one tiny window first.
+    warm = model_for(cfg, "FoldGPT")
+    warm.forward_stream(torch.randint(0, cfg.vocab_size, (1, 8)), None,
+                        torch.randint(0, cfg.vocab_size, (1, 8)))[1].backward()
+    del warm
+    before = reset_peak_memory()
+    if cfg.child == "sample":
+        prompt = torch.randint(0, cfg.vocab_size, (1, 1), device=pick_device(cfg.device))
+        model = model_for(cfg, cfg.contender, cfg.tokens + 2).eval()
+        sample_times(model, cfg.contender, prompt, cfg.tokens)
+        print(json.dumps(dict(peak_mb=peak_memory_mb() - before, process_mb=peak_memory_mb())))
+    else:
+        tok_s = train_figures(cfg, cfg.contender, cfg.batch_size, cfg.bptt, cfg.tokens,
+                              cfg.grad_ckpt)
+        print(json.dumps(dict(peak_mb=peak_memory_mb() - before, tok_s=tok_s)))
+
+
+def measure(cfg, **child_args):
+    """Run one measurement in a fresh process, so its peak memory is its own."""
+    model = {k: v for k, v in asdict(cfg).items() if k in (
+        "window", "n_state", "n_layer", "n_head", "n_embd", "vocab_size", "device")}
+    args = [f"--{k}={v}" for k, v in {**model, **child_args}.items()]
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"error: measurement {child_args} failed: {out.stderr.strip()[-300:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(cfg):
+    quick = cfg.quick
+    positions = [256, 1024, 4096, 16384]
+    repeats = 3 if quick else 5
+    rows, verdicts = [], []
+    n_params = model_for(cfg, "FoldGPT").num_params()
+    print(f"model: W={cfg.window} S={cfg.n_state} L={cfg.n_layer} C={cfg.n_embd}, "
+          f"{n_params:,} parameters, device {pick_device(cfg.device)}; "
+          f"{'quick' if quick else 'full'} run\n")
+
+    print("sampling, batch 1: mean ms per token over 64 tokens at each position, median of "
+          f"{repeats} repeats")
+    lat = sampling_latency(cfg, positions, repeats)
+    for c, by_pos in lat.items():
+        rows += [("sampling ms/token", c, f"position {p}", round(v, 4)) for p, v in by_pos.items()]
+
+    # Tokens of the long generation: the crop and kv cache samplers are slow to get far.
+    long_run = {"FoldGPT": 8192 if quick else 32768, "crop": 4096 if quick else 8192,
+                "kv cache": 4096 if quick else 8192}
+    print("\nsampling, peak memory after "
+          "1,024 tokens and after " + ", ".join(f"{n:,} ({c})" for c, n in long_run.items()))
+    mem = {}
+    for c, n_long in long_run.items():
+        figures = [measure(cfg, child="sample", contender=c, tokens=n) for n in (1024, n_long)]
+        mem[c] = [f["process_mb"] for f in figures]
+        added = [f["peak_mb"] for f in figures]
+        print(f"  {c:9}: adds {added[0]:6.1f} MB -> {added[1]:6.1f} MB; process peak "
+              f"{mem[c][0]:6.1f} MB -> {mem[c][1]:6.1f} MB ({mem[c][1] / mem[c][0] - 1:+.1%})",
+              flush=True)
+        rows += [("sampling MB added", c, f"{n} tokens", round(m, 2))
+                 for n, m in zip((1024, n_long), added)]
+        rows += [("sampling process peak MB", c, f"{n} tokens", round(m, 1))
+                 for n, m in zip((1024, n_long), mem[c])]
+
+    B, span_windows = (8, 4)
+    steps = 6 if quick else 12
+    print(f"\ntraining, FoldGPT, {B} streams x {span_windows} windows per step: the stream "
+          f"{steps} steps long, then 10x longer")
+    short = measure(cfg, child="train", contender="FoldGPT", batch_size=B, bptt=span_windows,
+                    tokens=steps)
+    long = measure(cfg, child="train", contender="FoldGPT", batch_size=B, bptt=span_windows,
+                   tokens=10 * steps)
+    stream_growth = long["peak_mb"] / short["peak_mb"] - 1
+    print(f"  {steps} steps: {short['tok_s']:,.0f} tok/s, {short['peak_mb']:.1f} MB; "
+          f"{10 * steps} steps: {long['tok_s']:,.0f} tok/s, {long['peak_mb']:.1f} MB "
+          f"({stream_growth:+.1%})", flush=True)
+    rows += [("training", "FoldGPT", f"{steps} steps", short["peak_mb"]),
+             ("training", "FoldGPT", f"{10 * steps} steps", long["peak_mb"])]
+
+    bptts = [4, 32, 128] if quick else [1, 4, 16, 64, 128]
+    print("\ntraining, 4,096 tokens per step as bptt grows: FoldGPT (grad_ckpt off / on) "
+          "beside a plain GPT with block bptt x W")
+    train = {}
+    for bptt in bptts:
+        batch = 4096 // (bptt * cfg.window)
+        if batch < 1:
+            continue
+        figures = {(c, g): measure(cfg, child="train", contender=c, batch_size=batch, bptt=bptt,
+                                   tokens=5 if quick else 8, grad_ckpt=g)
+                   for c, g in (("FoldGPT", False), ("FoldGPT", True), ("plain", False))}
+        train[bptt] = figures
+        print(f"  bptt {bptt:4} (B={batch:3}): " + "  ".join(
+            f"{c}{' ckpt' if g else ''} {f['tok_s']:7,.0f} tok/s {f['peak_mb']:7.1f} MB"
+            for (c, g), f in figures.items()), flush=True)
+        rows += [("training tok/s", c + (" ckpt" if g else ""), f"bptt {bptt}", round(f["tok_s"]))
+                 for (c, g), f in figures.items()]
+        rows += [("training peak MB", c + (" ckpt" if g else ""), f"bptt {bptt}", f["peak_mb"])
+                 for (c, g), f in figures.items()]
+
+    top = train[max(train)]
+    fold, plain = top[("FoldGPT", True)], top[("plain", False)]
+    verdicts = [
+        ("FoldGPT latency at 16k / at 256", lat["FoldGPT"][16384] / lat["FoldGPT"][256],
+         "<=", 1.10),
+        (f"FoldGPT peak memory growth, 1k -> {long_run['FoldGPT'] // 1024}k tokens",
+         mem["FoldGPT"][1] / mem["FoldGPT"][0] - 1, "<=", 0.02),
+        ("FoldGPT tokens/s / crop sampler tokens/s (at 1k)",
+         lat["crop"][1024] / lat["FoldGPT"][1024], ">=", 5.0),
+        ("FoldGPT latency / kv cache latency at 256", lat["FoldGPT"][256] / lat["kv cache"][256],
+         "<=", 1.25),
+        ("training peak memory growth, stream 10x", stream_growth, "<=", 0.05),
+        (f"training peak memory, FoldGPT ckpt / plain GPT (4,096 tokens, bptt {max(train)})",
+         fold["peak_mb"] / plain["peak_mb"], "<=", 0.5),
+        (f"training tokens/s, FoldGPT ckpt / plain GPT (4,096 tokens, bptt {max(train)})",
+         fold["tok_s"] / plain["tok_s"], ">=", 0.7),
+    ]
+    print("\nratios against the targets")
+    for name, value, op, target in verdicts:
+        ok = value <= target if op == "<=" else value >= target
+        print(f"  {name:68} {value:7.3f}  {op} {target:<5} {'met' if ok else 'NOT MET'}")
+        rows.append(("ratio", name, f"{op} {target}", round(value, 4)))
+
+    with open(cfg.csv, "w", newline="") as f:
+        csv.writer(f).writerows([("measure", "contender", "setting", "value")] + rows)
+    print(f"\nwrote {cfg.csv}", end="")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(" (no plot: matplotlib is not installed)")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c, by_pos in lat.items():
+        ax.plot(list(by_pos), list(by_pos.values()), marker="o", label=c)
+    ax.set(xscale="log", yscale="log", xlabel="position in the context (tokens)",
+           ylabel="ms per token", title="sampling latency, batch 1")
+    ax.legend()
+    png = cfg.csv.rsplit(".", 1)[0] + ".png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    print(f" and {png}")
+
+
+if __name__ == "__main__":
+    config = configure(BenchConfig(), sys.argv[1:])
+    child(config) if config.child else main(config)
