@@ -4,7 +4,7 @@ state from each window into the next, so it keeps context beyond its window at c
 
 Paper: D. Kwon, W.-G. Paeng, "Folded context condensation in Path Integral formalism for
 infinite context transformers", arXiv:2405.04620 (2024). The authors published no code; where
-the paper is silent, the choices here are this project's own (see DESIGN.md).
+the paper is silent, the choices here are this project's own (the README lists them).
 
 How the paper's words map to this file (shape letters: B batch, T tokens in this call,
 W window, S carried rows per layer, L layers, C channels, nh heads, hs head size, V vocab):
@@ -27,6 +27,7 @@ layer l from earlier windows, then the T tokens of this window. Row r may read r
 token sees every carried row of its own layer (the same time) and the tokens before it, and
 the carried rows see only each other: they are evolved once more by Block l, every window.
 After the window, state[:, l] becomes the last S rows of [evolved state ; tokens at layer l].
+(The carried rows that this pushes out are not evolved: they only lend their keys and values.)
 With n_state = 0 nothing is carried and FoldGPT is a plain GPT whose context is one window.
 """
 

@@ -1,5 +1,12 @@
 """
-Tests of FoldGPT's invariants (DESIGN.md) and of the scripts around it, on tiny models.
+Tests of FoldGPT and of the scripts around it, on tiny models. The model's invariants:
+1. causality: changing token t never changes a logit before t, within or across windows;
+2. streaming: one call over many windows, one call per window carrying the state, and token by
+   token through the KV cache of sampling give the same logits;
+3. the state's shape is fixed by the config, however many windows went in;
+4. n_state = 0 gives independent windows (a plain windowed GPT);
+5. a step's gradients reach its first window and none cross into the step before;
+6. a state carried through thousands of windows stays finite.
 
     python -m pytest -q test_foldgpt.py
 """
@@ -298,6 +305,11 @@ def copy_data(data, tmp, **meta_changes):
     return str(tmp / "data")
 
 
+def new_file(path, text):
+    path.write_text(text)
+    return path
+
+
 def truncated_checkpoint(out, tmp):
     whole = open(os.path.join(out, "ckpt.pt"), "rb").read()
     (tmp / "ckpt.pt").write_bytes(whole[:len(whole) // 2])
@@ -310,8 +322,8 @@ BAD_INPUT = {
     "input missing": (lambda tmp, data, out: [
         "prepare_data.py", "--input=no/such.txt", f"--out_dir={tmp}"], "does not exist"),
     "input empty": (lambda tmp, data, out: [
-        "prepare_data.py", f"--input={(tmp / 'e.txt').write_text('') and '' or tmp / 'e.txt'}",
-        f"--out_dir={tmp}"], "is empty"),
+        "prepare_data.py", f"--input={new_file(tmp / 'e.txt', '')}", f"--out_dir={tmp}"],
+        "is empty"),
     "unknown tokenizer": (lambda tmp, data, out: [
         "prepare_data.py", "--tokenizer=sentencepiece", f"--out_dir={tmp}"],
         "unknown tokenizer 'sentencepiece'"),
@@ -358,7 +370,7 @@ BAD_INPUT = {
         "sample.py", f"--out_dir={tmp}"], "python train.py"),
     "out_dir not writable": (lambda tmp, data, out: [
         "train.py", f"--data_dir={data}",
-        f"--out_dir={(tmp / 'f').write_text('a file') and tmp / 'f' / 'sub'}"],
+        f"--out_dir={new_file(tmp / 'f', 'a file') / 'sub'}"],
         "cannot write to out_dir"),
     "prompt file missing": (lambda tmp, data, out: [
         "sample.py", f"--out_dir={out}", "--prompt=FILE:no/such.txt"],
