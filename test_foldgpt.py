@@ -538,3 +538,18 @@ def test_grad_ckpt_gives_the_same_gradients():
         loss.backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint(path, dict(iter_num=1, weights=torch.ones(1000)))
+
+    def crash(obj, f):  # write part of the file, then die as a killed process would
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, dict(iter_num=2, weights=torch.zeros(1000)))
+    kept = torch.load(path, weights_only=True)
+    assert kept["iter_num"] == 1 and torch.equal(kept["weights"], torch.ones(1000))
