@@ -78,21 +78,23 @@ def sampler(model, contender, prompt):
         W = model.config.window
         tail = prompt[:, prompt.size(1) - ((prompt.size(1) - 1) % W + 1):]  # not yet folded
 
-        def run(n):
+        def run(n, timed=True):
             stamps = []
             model.generate(tail, n, temperature=0, state=state,
-                           on_token=lambda tok: stamps.append(time.perf_counter()))
+                           on_token=(lambda tok: stamps.append(time.perf_counter())) if timed
+                           else None)
             return intervals(stamps)
     elif contender == "crop":
         block = model.config.window
 
-        def run(n):
+        def run(n, timed=True):
             ctx, stamps = prompt[:, -block:], []
             for _ in range(n):
                 logits, _, _ = model(ctx)
                 tok = logits[:, -1].argmax(dim=-1, keepdim=True)
                 ctx = torch.cat([ctx, tok], dim=1)[:, -block:]
-                stamps.append(time.perf_counter())
+                if timed:
+                    stamps.append(time.perf_counter())
             return intervals(stamps)
     else:  # kv cache: no state, one window as long as the context
         window = model.open_window(model.initial_state(1), model.config.window)
@@ -100,36 +102,38 @@ def sampler(model, contender, prompt):
             x_prompt = model.step(prompt[:, t:t + 512], window)
         kv, inputs, n_prompt = list(window.kv), list(window.inputs), window.n
 
-        def run(n):
+        def run(n, timed=True):
             window.kv, window.inputs, window.n = list(kv), list(inputs), n_prompt  # rewind
             x, stamps = x_prompt, []
             for _ in range(n):
                 tok = model.lm_head(x[:, -1]).argmax(dim=-1, keepdim=True)
                 x = model.step(tok, window)
-                stamps.append(time.perf_counter())
+                if timed:
+                    stamps.append(time.perf_counter())
             return intervals(stamps)
     return torch.no_grad()(run)  # run is called later, outside this function's no_grad
 
 
 def sampling_latency(cfg, positions, repeats):
-    """{contender: {position: median over repeats of the mean ms per token}}. Each prompt is
-    read once; then every repeat visits every position and contender in turn, so a change in
-    the machine's load while the bench runs reaches them all alike."""
+    """{contender: {position: median over repeats of the mean ms per token}}. One contender at a
+    time, its prompts read once, and every repeat visits all its positions in turn, so a change
+    in the machine's load reaches them alike. (Measured side by side, the KV cache's large
+    tensors slowed the contender timed after them: FoldGPT alone showed no such drift.)"""
     n = 2 * cfg.window + 1  # 2W intervals per repeat: two folds for FoldGPT
-    models = {c: model_for(cfg, c, max(positions) + n + 1).eval()
-              for c in ("FoldGPT", "crop", "kv cache")}
     device = pick_device(cfg.device)
-    runs = {}
-    for p in positions:
-        prompt = torch.randint(0, cfg.vocab_size, (1, p), device=device)
-        for c, model in models.items():
-            runs[c, p] = sampler(model, c, prompt)
-            runs[c, p](8)  # warm-up
-    means = {key: [] for key in runs}
-    for _ in range(repeats):
-        for key, run in runs.items():
-            means[key].append(statistics.mean(run(n)))
-    table = {c: {p: 1000 * statistics.median(means[c, p]) for p in positions} for c in models}
+    prompts = {p: torch.randint(0, cfg.vocab_size, (1, p), device=device) for p in positions}
+    table = {}
+    for c in ("FoldGPT", "crop", "kv cache"):
+        model = model_for(cfg, c, max(positions) + n + 1).eval()
+        runs = {p: sampler(model, c, prompt) for p, prompt in prompts.items()}
+        for run in runs.values():
+            run(8)  # warm-up
+        means = {p: [] for p in positions}
+        for _ in range(repeats):
+            for p, run in runs.items():
+                means[p].append(statistics.mean(run(n)))
+        table[c] = {p: 1000 * statistics.median(means[p]) for p in positions}
+        del model, runs  # free the KV cache's tensors before the next contender
     for p in positions:
         print(f"  position {p:6,}: " + "  ".join(f"{c} {table[c][p]:.2f} ms" for c in table))
     return table
@@ -188,7 +192,7 @@ def child(cfg):
     if cfg.child == "sample":
         prompt = torch.randint(0, cfg.vocab_size, (1, 1), device=pick_device(cfg.device))
         model = model_for(cfg, cfg.contender, cfg.tokens + 2).eval()
-        sampler(model, cfg.contender, prompt)(cfg.tokens)
+        sampler(model, cfg.contender, prompt)(cfg.tokens, timed=False)  # no list of times
         print(json.dumps(dict(peak_mb=peak_memory_mb() - before, process_mb=peak_memory_mb())))
     else:
         tok_s = train_figures(cfg, cfg.contender, cfg.batch_size, cfg.bptt, cfg.tokens,
