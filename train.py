@@ -131,19 +131,15 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext()):
 def evaluate(model, loader, iters, ctx):
     """Mean loss over the first `iters` steps of the val streams, carrying the state."""
     model.eval()
+    device = model.lm_head.weight.device
     loader.pos, state, losses = 0, None, []
     for _ in range(min(iters, loader.steps_per_pass())):
         x, y, _ = loader.next()
         with ctx:
-            _, loss, state = model.forward_stream(x.to(state_device(model)), state,
-                                                  y.to(state_device(model)))
+            _, loss, state = model.forward_stream(x.to(device), state, y.to(device))
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
-
-
-def state_device(model):
-    return model.lm_head.weight.device
 
 
 def rng_states():
