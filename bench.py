@@ -306,22 +306,27 @@ def main(cfg):
     with open(cfg.csv, "w", newline="") as f:
         csv.writer(f).writerows([("measure", "contender", "setting", "value")] + rows)
     print(f"\nwrote {cfg.csv}", end="")
+    png = cfg.csv.rsplit(".", 1)[0] + ".png"
+    print(f" and {png}" if save_plot(lat, png) else " (no plot: matplotlib is not installed)")
+
+
+def save_plot(lat, png):
+    """Latency against position, one line per contender; False when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(" (no plot: matplotlib is not installed)")
-        return
+        return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for c, by_pos in lat.items():
         ax.plot(list(by_pos), list(by_pos.values()), marker="o", label=c)
     ax.set(xscale="log", yscale="log", xlabel="position in the context (tokens)",
            ylabel="ms per token", title="sampling latency, batch 1")
     ax.legend()
-    png = cfg.csv.rsplit(".", 1)[0] + ".png"
     fig.savefig(png, dpi=120, bbox_inches="tight")
-    print(f" and {png}")
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

@@ -553,3 +553,11 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_old_one_whole(tmp_path, m
         train.save_checkpoint(path, dict(iter_num=2, weights=torch.zeros(1000)))
     kept = torch.load(path, weights_only=True)
     assert kept["iter_num"] == 1 and torch.equal(kept["weights"], torch.ones(1000))
+
+
+def test_bench_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")  # an optional dependency of bench.py
+    import bench
+    lat = {"FoldGPT": {256: 1.0, 16384: 1.0}, "kv cache": {256: 1.0, 16384: 9.0}}
+    assert bench.save_plot(lat, str(tmp_path / "b.png"))
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
