@@ -75,8 +75,7 @@ def sampler(model, contender, prompt):
     gives the n - 1 times between them, in seconds, as often as it is called."""
     if contender == "FoldGPT":
         _, state = model.generate(prompt, 0)  # fold the prompt, as generate always does
-        W = model.config.window
-        tail = prompt[:, prompt.size(1) - ((prompt.size(1) - 1) % W + 1):]  # not yet folded
+        tail = model.unfolded(prompt)
 
         def run(n, timed=True):
             stamps = []

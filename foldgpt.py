@@ -284,13 +284,18 @@ class FoldGPT(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1)
 
+    def unfolded(self, idx):
+        """The tokens of idx (B, P) that generate leaves in its last, unfolded window: it folds
+        a window only when a token after it comes, so 1 to W of them, never 0."""
+        return idx[:, idx.size(1) - ((idx.size(1) - 1) % self.config.window + 1):]
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None,
                  on_token=None):
         """Continue idx (B, P), P >= 1, by max_new_tokens tokens, calling on_token(tok) with each
         (B, 1) as it is made. temperature 0 picks the likeliest token. Returns all tokens
         (B, P + new) and the state after the last full window: the tokens after that window,
-        the last (P + new - 1) % W + 1, are what the next call must be given with this state."""
+        unfolded(tokens), are what the next call must be given with this state."""
         W = self.config.window
         P = idx.size(1)
         if P < 1:

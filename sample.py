@@ -108,9 +108,7 @@ def main(cfg):
         if k < cfg.num_samples - 1:
             print("---------------")
     if cfg.state_out:
-        W = model.config.window
-        tail = out[:, out.size(1) - ((out.size(1) - 1) % W + 1):]  # not yet folded: see generate
-        save_checkpoint(cfg.state_out, dict(state=end_state.cpu(), tail=tail.cpu(),
+        save_checkpoint(cfg.state_out, dict(state=end_state.cpu(), tail=model.unfolded(out).cpu(),
                                             model=fingerprint(model)))
 
 

@@ -105,6 +105,7 @@ def test_generate_goes_on_from_its_state():
     both, _ = model.generate(prompt, 17, temperature=0)
     first, state = model.generate(prompt, 6, temperature=0)
     tail = first[:, first.size(1) - ((first.size(1) - 1) % W + 1):]
+    assert torch.equal(model.unfolded(first), tail)
     rest, _ = model.generate(tail, 11, temperature=0, state=state)
     assert torch.equal(torch.cat([first, rest[:, tail.size(1):]], dim=1), both)
 
