@@ -149,7 +149,7 @@ def train_figures(cfg, contender, batch_size, bptt, steps, grad_ckpt):
     for i in range(steps):  # ordered streams: step i reads on where step i - 1 stopped
         x, y = data[:, i * span:(i + 1) * span], data[:, i * span + 1:(i + 1) * span + 1]
         t = time.perf_counter()
-        _, loss, state = model.forward_stream(x, state, y, grad_ckpt=grad_ckpt)
+        _, loss, state = model(x, state, y, grad_ckpt=grad_ckpt)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -184,8 +184,8 @@ def child(cfg):
     """One measurement in this fresh process; prints one JSON line."""
     # Warm up torch's one-time machinery (thread pools, kernels) on one tiny window first.
     warm = model_for(cfg, "FoldGPT")
-    warm.forward_stream(torch.randint(0, cfg.vocab_size, (1, 8)), None,
-                        torch.randint(0, cfg.vocab_size, (1, 8)))[1].backward()
+    warm(torch.randint(0, cfg.vocab_size, (1, 8)), None,
+         torch.randint(0, cfg.vocab_size, (1, 8)))[1].backward()
     del warm
     before = reset_peak_memory()
     if cfg.child == "sample":

@@ -80,8 +80,9 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.cos[P:P + T], self.sin[P:P + T]
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def forward(self, x, kv=None):
-        """x: (B, T, C) new rows; kv: the keys and values of the P rows before them, or None.
+    def forward(self, x, kv=None, bias=None):
+        """x: (B, T, C) new rows; kv: the keys and values of the P rows before them, or None;
+        bias: (B, M) added to the attention logits of the first M of those P rows, or None.
         Returns the new rows' outputs (B, T, C) and the keys and values of all P + T rows."""
         B, T, C = x.size()
         P = 0 if kv is None else kv[0].size(2)
@@ -94,12 +95,18 @@ class CausalSelfAttention(nn.Module):
         # carried row reads only older carried rows, never the window after it.
         mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # (T, P+T)
         mask = None if T == 1 else mask  # one new row reads every row: no mask needed
+        if bias is not None:  # memory rows are read as strongly as their keep score says
+            add = torch.zeros(B, 1, T, P + T, device=x.device, dtype=q.dtype)
+            add[:, 0, :, :bias.size(1)] = bias[:, None, :].to(q.dtype)
+            mask = add if mask is None else add.masked_fill(~mask, float("-inf"))
         if self.fast:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         else:  # the path sum written out: weights exp(q.k) / sum exp(q.k) over readable rows
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, P+T)
-            att = att if mask is None else att.masked_fill(~mask, float("-inf"))
+            if mask is not None:
+                att = att + mask if mask.is_floating_point() else att.masked_fill(
+                    ~mask, float("-inf"))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side
@@ -129,14 +136,24 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        if config.n_mem:
+            # The memory's two learned parts (see FoldGPT.fold): a keep score per row, which
+            # decides what enters the memory and biases how strongly it is read, and a gate on
+            # how far each window evolves the memory rows, 0 at first (they stay as written).
+            self.keep = nn.Linear(config.n_embd, 1, bias=True)
+            self.evolve = nn.Parameter(torch.zeros(()))
+
+    def keep_score(self, x):
+        """(B, T) keep scores of rows x (B, T, C): a row enters the memory when its score > 0."""
+        return self.keep(self.ln_1(x)).squeeze(-1)
 
     def keys_values(self, x):
         """The keys and values this block reads from rows x at slots 0..T-1."""
         _, k, v = self.attn.project(self.ln_1(x), 0)
         return k, v
 
-    def forward(self, x, kv=None):
-        a, kv = self.attn(self.ln_1(x), kv)
+    def forward(self, x, kv=None, bias=None):
+        a, kv = self.attn(self.ln_1(x), kv, bias)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv
@@ -147,6 +164,7 @@ class FoldGPTConfig:
     vocab_size: int = 257  # 256 bytes + <|endoftext|>: prepare_data.py's default tokenizer
     window: int = 32  # W: new tokens per window (the paper used 12)
     n_state: int = 64  # S: carried rows per layer; 0 makes a plain GPT with a W-token context
+    n_mem: int = 0  # of the S rows, how many are memory: rows kept for their keep score
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -159,6 +177,9 @@ class FoldGPTConfig:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.n_state < 0:
             raise ValueError(f"n_state must be >= 0, got {self.n_state}")
+        if not 0 <= self.n_mem <= self.n_state:
+            raise ValueError(f"n_mem must be between 0 and n_state ({self.n_state}), "
+                             f"got {self.n_mem}")
         if min(self.vocab_size, self.n_layer, self.n_head, self.n_embd) < 1:
             raise ValueError("vocab_size, n_layer, n_head and n_embd must all be >= 1")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
@@ -173,7 +194,10 @@ class Window:
     """A window under way. It opens knowing how many tokens it will hold (size), so the carried
     rows that the fold will push out only lend their keys and values, while the rows that stay
     ride through each block with the window's first tokens, which evolves them once more."""
-    stay: list  # per layer: (B, S-gone, C) carried rows that stay; evolved by the first step
+    mem: list  # per layer: (B, M, C) memory rows, evolved at the window's opening
+    bias: list  # per layer: (B, M) how strongly the memory rows are read, or None
+    gone: list  # per layer: (B, gone, C) recent rows that this window pushes out
+    stay: list  # per layer: (B, R-gone, C) recent rows that stay; evolved by the first step
     kv: list  # per layer: (k, v) of the rows so far, each (B, nh, rows, hs), or None
     inputs: list  # per layer: (B, n, C), the token states that entered Block l
     size: int  # tokens the window will hold when it is folded
@@ -218,13 +242,25 @@ class FoldGPT(nn.Module):
     # once in training, one at a time when sampling), fold it into the next state.
 
     def open_window(self, state, size):
-        """Start a window of size tokens on the carried state (B, L, S, C)."""
-        gone = min(size, self.config.n_state)  # the oldest rows make way for the new tokens
-        window = Window(stay=[], kv=[], inputs=[], size=size)
+        """Start a window of size tokens on the carried state (B, L, S, C), whose rows at each
+        layer are [M memory rows ; R = S - M recent rows]."""
+        M = self.config.n_mem
+        gone = min(size, self.config.n_state - M)  # the oldest recent rows make way
+        window = Window(mem=[], bias=[], gone=[], stay=[], kv=[], inputs=[], size=size)
         for l, block in enumerate(self.transformer.h):
             rows = state[:, l]  # (B, S, C): the past, at the same time (layer) as Block l
-            window.kv.append(block.keys_values(rows[:, :gone]) if gone else None)
-            window.stay.append(rows[:, gone:])  # (B, S-gone, C)
+            mem, recent = rows[:, :M], rows[:, M:]
+            bias = None
+            if M:  # evolve the memory rows, each reading the older ones, by a learned share
+                evolved, _ = block(mem)  # (B, M, C)
+                mem = mem + block.evolve * (evolved - mem)
+                bias = F.logsigmoid(block.keep_score(mem))  # (B, M), <= 0
+            past = torch.cat([mem, recent[:, :gone]], dim=1)  # rows that only lend keys/values
+            window.kv.append(block.keys_values(past) if past.size(1) else None)
+            window.mem.append(mem)
+            window.bias.append(bias)
+            window.gone.append(recent[:, :gone])  # (B, gone, C)
+            window.stay.append(recent[:, gone:])  # (B, R-gone, C)
             window.inputs.append(rows[:, :0])  # (B, 0, C): no tokens yet
         return window
 
@@ -235,7 +271,7 @@ class FoldGPT(nn.Module):
             window.inputs[l] = torch.cat([window.inputs[l], x], dim=1)  # (B, n+T, C)
             m = window.stay[l].size(1) if window.n == 0 else 0  # rows riding with the first
             rows = torch.cat([window.stay[l], x], dim=1) if m else x  # (B, m+T, C)
-            out, window.kv[l] = block(rows, window.kv[l])
+            out, window.kv[l] = block(rows, window.kv[l], window.bias[l])
             if m:
                 window.stay[l] = out[:, :m]  # the carried rows, evolved once more
             x = out[:, m:]  # (B, T, C)
@@ -243,46 +279,67 @@ class FoldGPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def fold(self, window):
-        """The next state: per layer, the last S rows of [evolved carried rows ; tokens at
-        layer l]. The carried rows read only older carried rows, never the window's tokens."""
+        """The next state. Per layer, the recent rows become the last R rows of [pushed-out
+        rows ; evolved recent rows ; tokens at layer l]; the rows this pushes out of the recent
+        part enter the memory if their keep score is > 0 (see remember)."""
         if window.n != window.size:
             raise ValueError(f"a window opened for {window.size} tokens holds {window.n}")
-        S = self.config.n_state
-        rows = [torch.cat([stay, x], dim=1) for stay, x in zip(window.stay, window.inputs)]
-        return torch.stack([r[:, r.size(1) - S:] for r in rows], dim=1)  # (B, L, S, C)
+        R = self.config.n_state - self.config.n_mem
+        state = []
+        for l, block in enumerate(self.transformer.h):
+            rows = torch.cat([window.gone[l], window.stay[l], window.inputs[l]], dim=1)
+            recent, pushed = rows[:, rows.size(1) - R:], rows[:, :rows.size(1) - R]
+            mem = self.remember(block, window.mem[l], pushed) if self.config.n_mem else recent[:, :0]
+            state.append(torch.cat([mem, recent], dim=1))  # (B, S, C)
+        return torch.stack(state, dim=1)  # (B, L, S, C)
 
-    def forward(self, idx, state=None, targets=None):
-        """One window: idx (B, T) with T <= W -> logits (B, T, V), loss or None, next state."""
-        B, T = idx.size()
-        if T > self.config.window:
-            raise ValueError(f"forward takes one window of at most {self.config.window} "
-                             f"tokens, got {T}: use forward_stream for longer input")
-        window = self.open_window(self.initial_state(B) if state is None else state, T)
-        logits = self.lm_head(self.step(idx, window))  # (B, T, V)
-        return logits, self.loss(logits, targets), self.fold(window)
+    @staticmethod
+    def remember(block, mem, pushed):
+        """The memory after a window: the newest M rows of [memory ; pushed-out rows whose keep
+        score is > 0], in their order. A row stays until M newer rows have been kept after it,
+        however many windows that takes: what the keep score lets through sets the reach."""
+        B, M, C = mem.size()
+        keep = torch.cat([torch.ones_like(mem[..., 0], dtype=torch.bool),
+                          block.keep_score(pushed) > 0], dim=1)  # (B, M+G)
+        newer = keep.flip(1).cumsum(1).flip(1)  # kept rows at or after each row, (B, M+G)
+        slot = torch.where(keep & (newer <= M), M - newer, M)  # slot M is the waste bin
+        rows = torch.cat([mem, pushed], dim=1)  # (B, M+G, C)
+        out = rows.new_zeros(B, M + 1, C).scatter(1, slot[..., None].expand(-1, -1, C), rows)
+        return out[:, :M]  # (B, M, C)
 
-    def forward_stream(self, idx, state=None, targets=None, grad_ckpt=False):
-        """Many windows, carrying the state: idx (B, N) -> logits (B, N, V), loss, state.
+    def forward(self, idx, state=None, targets=None, grad_ckpt=False):
+        """A stream of any length, window by window, carrying the state: idx (B, N) -> logits
+        (B, N, V), the mean loss over targets (B, N) or None, and the state after the stream.
+        With targets, the logits are not kept (returned as None): each window turns its own
+        into its loss, since for a large vocabulary they are the largest tensor of a step.
         grad_ckpt keeps only what enters and leaves each window for the backward pass, which
         runs the window again: activation memory O(windows) states plus one window."""
         W = self.config.window
-        logits = []
+        state = self.initial_state(idx.size(0)) if state is None else state
+        logits, loss = [], 0.0
         for t in range(0, idx.size(1), W):
+            args = (idx[:, t:t + W], state, None if targets is None else targets[:, t:t + W])
             if grad_ckpt and torch.is_grad_enabled():
-                window_logits, _, state = checkpoint(self, idx[:, t:t + W], state,
-                                                     use_reentrant=False)
+                out, state = checkpoint(self.run_window, *args, use_reentrant=False)
             else:
-                window_logits, _, state = self(idx[:, t:t + W], state)
-            logits.append(window_logits)
-        logits = torch.cat(logits, dim=1)  # (B, N, V)
-        return logits, self.loss(logits, targets), state
-
-    @staticmethod
-    def loss(logits, targets):
+                out, state = self.run_window(*args)
+            if targets is None:
+                logits.append(out)
+            else:
+                loss = loss + out
         if targets is None:
-            return None
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1)
+            return torch.cat(logits, dim=1), None, state  # (B, N, V)
+        return None, loss / (targets != -1).sum().clamp(min=1), state
+
+    def run_window(self, idx, state, targets=None):
+        """One window, idx (B, T) with T <= W, on state: its logits (B, T, V), or with targets
+        the sum of its tokens' losses; and the next state."""
+        window = self.open_window(state, idx.size(1))
+        logits = self.lm_head(self.step(idx, window))  # (B, T, V)
+        if targets is not None:
+            logits = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                     targets.reshape(-1), ignore_index=-1, reduction="sum")
+        return logits, self.fold(window)
 
     def unfolded(self, idx):
         """The tokens of idx (B, P) that generate leaves in its last, unfolded window: it folds

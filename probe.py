@@ -50,10 +50,11 @@ def steps_to_learn(cfg, window, n_state, reset_state=False):
         x = torch.cat([torch.zeros_like(first[:, :1]), first, first[:, :-1]], dim=1)  # (B, 64)
         y = torch.cat([torch.full_like(first, -1), first], dim=1)  # loss on the copy only
         if reset_state:  # each window alone, from the learned initial state
-            logits = torch.cat([model(x[:, t:t + window])[0] for t in range(0, 64, window)], 1)
-            loss = model.loss(logits, y)
+            start = model.initial_state(cfg.batch_size)
+            loss = sum(model.run_window(x[:, t:t + window], start, y[:, t:t + window])[0]
+                       for t in range(0, 64, window)) / (y != -1).sum()
         else:
-            _, loss, _ = model.forward_stream(x, None, y)
+            _, loss, _ = model(x, None, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
