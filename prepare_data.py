@@ -4,16 +4,22 @@ nanoGPT writes them) and meta.json (tokenizer, vocab size, counts, how the data 
 
     python prepare_data.py                        # built-in corpus: data/passkeys (~4.4 MB)
     python prepare_data.py --input=my_text.txt    # any text: a .txt file or a folder of them
-    python prepare_data.py --input=books/ --tokenizer=gpt2
+    python prepare_data.py --input=books/ --tokenizer=gpt2 --workers=8   # any size, streamed
     python prepare_data.py --dataset=shakespeare  # downloads tinyshakespeare (needs network)
 
 The built-in corpus, `passkeys`, is made so that the carried state matters: plain filler text
 in which a pass key is stated once and asked for later, at distances from inside one window
 to many windows. It is a function of --size, --max_gap and --seed alone, made with no files.
+
+Text from --input is read in pieces of --piece_mb, cut at line ends, and tokenized by
+--workers processes side by side; the token files are written as the pieces come, so a corpus
+of any size passes through a few pieces' worth of memory. The val tokens are the last
+--val_fraction of them.
 """
 
 import json
 import math
+import multiprocessing
 import os
 import random
 import sys
@@ -33,9 +39,11 @@ class PrepareConfig:
     tokenizer: str = "byte"  # 'byte' (256 bytes + <|endoftext|>) or 'gpt2' (r50k_base BPE)
     out_dir: str = ""  # where to write; default data/<dataset, or the input's name>
     size: int = 4_000_000  # passkeys: characters of training text (val gets a tenth of it)
-    max_gap: int = 2048  # passkeys: longest distance, in characters, from a key to its question
+    max_gap: int = 1024  # passkeys: longest distance, in characters, from a key to its question
     seed: int = 1337  # passkeys: the seed of the random keys and gaps
     val_fraction: float = 0.1  # --input and shakespeare: share of the tokens, from the end, for val
+    workers: int = 1  # processes that tokenize pieces side by side (the output is the same)
+    piece_mb: float = 4.0  # --input: size of the pieces read and tokenized one at a time
 
 
 def get_tokenizer(name):
@@ -74,16 +82,27 @@ def filler(rng, length):
     return "".join(out)
 
 
+# In the built-in corpus each key is marked with '#': "The pass key is #74937." The marker
+# makes the key easy to find again (a copy of what follows the one earlier '#', which attention
+# learns fast, rather than of what follows "is ", which the filler says three times over).
+# eval.py asks in these same words.
+def key_statement(key):
+    return f"The pass key is #{key}. Remember it. #{key} is the pass key. "
+
+
+KEY_QUESTION = "What is the pass key? The pass key is #"
+
+
 def passkey_document(rng, max_gap, rounds):
-    """Rounds of: filler, a key stated once, filler of a log-uniform length, the question."""
+    """Rounds of: filler, a key stated once, filler of a log-uniform length, the question. The
+    gaps run from inside one window to far beyond it; half of them are under 64 characters."""
     parts = [INTRO]
     for _ in range(rounds):
         key = rng.randrange(10000, 100000)
-        gap = int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))
-        parts.append(filler(rng, rng.randrange(200)))
-        parts.append(f"The pass key is {key}. Remember it. {key} is the pass key. ")
-        parts.append(filler(rng, gap))
-        parts.append(f"What is the pass key? The pass key is {key}.\n")
+        parts.append(filler(rng, rng.randrange(30)))
+        parts.append(key_statement(key))
+        parts.append(filler(rng, int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))))
+        parts.append(f"{KEY_QUESTION}{key}.\n")
     return "".join(parts)
 
 
@@ -96,21 +115,31 @@ def passkey_corpus(size, max_gap, seed):
     return docs
 
 
-def read_texts(path):
-    """The documents under path, as bytes: one .txt file, or every .txt file of a folder."""
+def text_files(path):
+    """The .txt files under path, in sorted order: one file, or every .txt file of a folder."""
     if os.path.isdir(path):
         names = sorted(os.path.join(root, f) for root, _, files in os.walk(path)
                        for f in files if f.endswith(".txt"))
         if not names:
             fail(f"no .txt files in folder {path}")
-    elif os.path.isfile(path):
-        names = [path]
-    else:
-        fail(f"input {path} does not exist: give a .txt file or a folder of them")
-    docs = [open(name, "rb").read() for name in names]
-    if not any(docs):
-        fail(f"input {path} is empty")
-    return docs
+        return names
+    if os.path.isfile(path):
+        return [path]
+    fail(f"input {path} does not exist: give a .txt file or a folder of them")
+
+
+def file_pieces(names, piece_bytes):
+    """(bytes, ends_document) pieces of about piece_bytes from each file in turn, cut at line
+    ends, so that only one piece of a corpus of any size is in memory at a time and no token
+    spans two pieces (UTF-8 never has a newline byte inside a character)."""
+    for name in names:
+        with open(name, "rb") as f:
+            piece = f.read(piece_bytes)
+            while piece:
+                piece += f.readline()  # finish the line
+                after = f.read(piece_bytes)
+                yield piece, not after
+                piece = after
 
 
 def download_shakespeare():
@@ -118,65 +147,114 @@ def download_shakespeare():
            "tinyshakespeare/input.txt")
     try:
         with urllib.request.urlopen(url, timeout=20) as f:
-            return [f.read()]
+            return f.read()
     except OSError as e:
         fail(f"cannot download tinyshakespeare ({e}); with the file at hand, run: "
              "python prepare_data.py --input=path/to/input.txt")
 
 
-def encode(enc, docs):
-    """Token ids of the documents (str or bytes), each followed by <|endoftext|>."""
-    ids = []
-    for doc in docs:
-        if isinstance(doc, bytes) and enc.name == "byte":
-            ids.extend(doc)  # the byte tokenizer takes any bytes, valid UTF-8 or not
-        elif isinstance(doc, bytes):
+_enc = None  # each worker process builds its tokenizer once
+
+
+def encode_piece(job):
+    """Token ids (uint16) of one piece of text (str or bytes), and whether it was not UTF-8."""
+    global _enc
+    name, piece, ends_document = job
+    if _enc is None or _enc.name != name:
+        _enc = get_tokenizer(name)
+    bad = False
+    if isinstance(piece, bytes) and name == "byte":
+        ids = list(piece)  # the byte tokenizer takes any bytes, valid UTF-8 or not
+    else:
+        if isinstance(piece, bytes):
             try:
-                ids.extend(enc.encode_ordinary(doc.decode("utf-8")))
+                piece = piece.decode("utf-8")
             except UnicodeDecodeError:
-                print("note: input is not valid UTF-8; its bad bytes became U+FFFD")
-                ids.extend(enc.encode_ordinary(doc.decode("utf-8", errors="replace")))
+                bad, piece = True, piece.decode("utf-8", errors="replace")
+        ids = _enc.encode_ordinary(piece)
+    if ends_document:
+        ids.append(_enc.eot_token)
+    return np.array(ids, dtype=np.uint16), bad
+
+
+def write_tokens(pieces, tokenizer, path, workers=1):
+    """Encode (text, ends_document) pieces, in order, with `workers` processes, appending the
+    ids to path as they come. Returns the number of tokens written."""
+    jobs = ((tokenizer, piece, ends) for piece, ends in pieces)
+    total, noted = 0, False
+    with open(path, "wb") as out:
+        if workers > 1:
+            pool = multiprocessing.Pool(workers)
+            results = pool.imap(encode_piece, jobs)  # in order, `workers` pieces at a time
         else:
-            ids.extend(enc.encode_ordinary(doc))
-        ids.append(enc.eot_token)
-    return np.array(ids, dtype=np.uint16)
+            pool, results = None, map(encode_piece, jobs)
+        try:
+            for ids, bad in results:
+                ids.tofile(out)
+                total += len(ids)
+                if bad and not noted:
+                    print("note: input is not valid UTF-8; its bad bytes became U+FFFD")
+                    noted = True
+        finally:
+            if pool is not None:
+                pool.terminate()
+    return total
 
 
-def split(ids, val_fraction):
-    n_val = int(len(ids) * val_fraction)
-    return ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+def split_off_val(train_path, val_path, val_fraction, chunk=1 << 24):
+    """Move the last val_fraction of the tokens in train_path to val_path, a chunk at a time.
+    Returns (train tokens, val tokens)."""
+    total = os.path.getsize(train_path) // 2
+    n_val = int(total * val_fraction)
+    with open(train_path, "r+b") as src, open(val_path, "wb") as dst:
+        src.seek((total - n_val) * 2)
+        while block := src.read(chunk):
+            dst.write(block)
+        src.truncate((total - n_val) * 2)
+    return total - n_val, n_val
 
 
 def prepare(cfg):
     """Write train.bin, val.bin and meta.json for cfg; returns the folder written."""
-    enc = get_tokenizer(cfg.tokenizer)
+    enc = get_tokenizer(cfg.tokenizer)  # fails early, in one line, if it cannot load
+    if cfg.workers < 1 or cfg.piece_mb <= 0:
+        fail("--workers must be >= 1 and --piece_mb > 0")
     if cfg.input:
         name = os.path.splitext(os.path.basename(os.path.normpath(cfg.input)))[0]
         source = f"text from {cfg.input}"
-        train, val = split(encode(enc, read_texts(cfg.input)), cfg.val_fraction)
+        names = text_files(cfg.input)
+        if not any(os.path.getsize(n) for n in names):
+            fail(f"input {cfg.input} is empty")
+        train_pieces = file_pieces(names, int(cfg.piece_mb * 2 ** 20))
+        val_pieces = None  # the val tokens are the last val_fraction of them
     elif cfg.dataset == "shakespeare":
         name, source = "shakespeare", "tinyshakespeare"
-        train, val = split(encode(enc, download_shakespeare()), cfg.val_fraction)
+        train_pieces, val_pieces = [(download_shakespeare(), True)], None
     elif cfg.dataset == "passkeys":
         if cfg.size < 1 or cfg.max_gap < 4:
             fail("--size must be >= 1 and --max_gap >= 4")
         name = "passkeys"
         source = f"built-in passkey corpus, size={cfg.size} max_gap={cfg.max_gap} seed={cfg.seed}"
-        train = encode(enc, passkey_corpus(cfg.size, cfg.max_gap, cfg.seed))
-        val = encode(enc, passkey_corpus(cfg.size // 10, cfg.max_gap, cfg.seed + 1))
+        train_pieces = [(doc, True) for doc in passkey_corpus(cfg.size, cfg.max_gap, cfg.seed)]
+        val_pieces = [(doc, True) for doc in passkey_corpus(cfg.size // 10, cfg.max_gap,
+                                                            cfg.seed + 1)]
     else:
         fail(f"unknown dataset {cfg.dataset!r}: use passkeys or shakespeare, or --input=PATH")
     out_dir = cfg.out_dir or os.path.join("data", name)
     os.makedirs(out_dir, exist_ok=True)
-    train.tofile(os.path.join(out_dir, "train.bin"))
-    val.tofile(os.path.join(out_dir, "val.bin"))
+    train_path, val_path = os.path.join(out_dir, "train.bin"), os.path.join(out_dir, "val.bin")
+    n_train = write_tokens(train_pieces, cfg.tokenizer, train_path, cfg.workers)
+    if val_pieces is None:
+        n_train, n_val = split_off_val(train_path, val_path, cfg.val_fraction)
+    else:
+        n_val = write_tokens(val_pieces, cfg.tokenizer, val_path, cfg.workers)
     meta = dict(tokenizer=cfg.tokenizer, vocab_size=enc.n_vocab, eot_token=enc.eot_token,
-                train_tokens=len(train), val_tokens=len(val), source=source,
+                train_tokens=n_train, val_tokens=n_val, source=source,
                 command=" ".join(["python prepare_data.py"] + sys.argv[1:]))
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     print(f"{source}, tokenizer {cfg.tokenizer} (vocab {enc.n_vocab})")
-    print(f"wrote {out_dir}/train.bin ({len(train):,} tokens), val.bin ({len(val):,} tokens), "
+    print(f"wrote {out_dir}/train.bin ({n_train:,} tokens), val.bin ({n_val:,} tokens), "
           "meta.json")
     return out_dir
 
