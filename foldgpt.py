@@ -29,6 +29,10 @@ the carried rows see only each other: they are evolved once more by Block l, eve
 After the window, state[:, l] becomes the last S rows of [evolved state ; tokens at layer l].
 (The carried rows that this pushes out are not evolved: they only lend their keys and values.)
 With n_state = 0 nothing is carried and FoldGPT is a plain GPT whose context is one window.
+
+An experiment, off by default (n_mem = 0): n_mem of the S rows per layer can be a memory that
+outlives the S - n_mem recent rows. A row pushed out of the recent part enters the memory if a
+learned keep score says so, and stays until n_mem newer rows have entered (see remember).
 """
 
 import math

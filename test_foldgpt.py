@@ -333,6 +333,13 @@ def test_train_defaults_are_the_model_defaults():
             assert getattr(train.TrainConfig(), f.name) == getattr(model_defaults, f.name)
 
 
+def test_presets_load_and_the_cpu_preset_is_the_default():
+    assert configure(train.TrainConfig(), [os.path.join(HERE, "config", "cpu_quick.py")]) == \
+        train.TrainConfig()
+    paper = configure(train.TrainConfig(), [os.path.join(HERE, "config", "paper_24gb.py")])
+    assert (paper.window, paper.n_layer, paper.n_embd, paper.n_head) == (12, 12, 768, 12)
+
+
 def test_config_file_sets_values_and_refuses_code(tmp_path):
     good = tmp_path / "good.py"
     good.write_text('"""a preset"""\nmax_iters = 7\nlearning_rate = 1\nout_dir = "x"\n')
@@ -617,6 +624,55 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_old_one_whole(tmp_path, m
         train.save_checkpoint(path, dict(iter_num=2, weights=torch.zeros(1000)))
     kept = torch.load(path, weights_only=True)
     assert kept["iter_num"] == 1 and torch.equal(kept["weights"], torch.ones(1000))
+
+
+# ---- the retention eval --------------------------------------------------------------------
+
+def test_eval_prompts_hold_one_key_at_the_asked_distance():
+    import random
+    import eval as passkey
+    enc = prepare_data.get_tokenizer("byte")
+    keys, ids = passkey.make_batch(enc, 6, gap=64, window=8, rng=random.Random(3))
+    assert ids.shape[0] == 6 and len(set(keys)) == 6
+    for key, row in zip(keys, ids.tolist()):
+        text = enc.decode(row)
+        assert text.endswith(prepare_data.KEY_QUESTION) and text.count(str(key)) == 2
+        statement = prepare_data.key_statement(key)
+        between = text[text.index(statement) + len(statement):text.index("What is")]
+        assert 64 <= len(between) < 64 + 25 and str(key) not in between  # filler only
+        assert text.index("<|endoftext|>") < text.index("There is an important info")
+
+
+def test_eval_scores_the_exact_key_only():
+    import eval as passkey
+    assert passkey.score("12345.\n", 12345) == 1 and passkey.score(" 12345", 12345) == 1
+    assert passkey.score("12346.", 12345) == 0 and passkey.score("1234.", 12345) == 0
+    assert passkey.score("123456", 12345) == 0 and passkey.score("no", 12345) == 0
+
+    class Answers:  # a model that writes the given text after every prompt
+        def __init__(self, text):
+            self.ids = torch.tensor([list(text.encode())])
+
+        def generate(self, idx, n, temperature):
+            return torch.cat([idx, self.ids.expand(idx.size(0), -1)], dim=1), None
+
+    enc = prepare_data.get_tokenizer("byte")
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    assert passkey.accuracy(Answers("54321."), enc, [54321, 54321], ids, "cpu") == 1.0
+    assert passkey.accuracy(Answers("54321."), enc, [54321, 11111], ids, "cpu") == 0.5
+
+
+@torch.no_grad()
+def test_state_off_makes_every_window_start_from_the_initial_state():
+    import eval as passkey
+    idx = tokens(16)
+    off = passkey.state_off(tiny())
+    out, _ = off.generate(idx, 4, temperature=0)
+    alone, _ = tiny().generate(idx[:, 12:], 4, temperature=0)  # the last window by itself
+    assert torch.equal(out[:, 16:], alone[:, 4:])
+    logits_off = off(idx)[0][:, 12:]
+    assert torch.allclose(logits_off, tiny()(idx[:, 12:])[0], atol=1e-6)
+    assert not torch.allclose(logits_off, tiny()(idx)[0][:, 12:], atol=1e-4)
 
 
 # ---- scale: accumulation, processes, mixed precision, the memory estimate ----------------

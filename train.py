@@ -4,6 +4,7 @@ Train FoldGPT window by window, carrying the state along each of B contiguous st
     python prepare_data.py && python train.py          # the CPU quick start, about 7 minutes
     python train.py --max_iters=200 --n_state=0        # the plain windowed GPT, same recipe
     python train.py config/my_run.py --device=cuda     # `key = value` lines, then flags
+    torchrun --standalone --nproc_per_node=8 train.py config/paper_24gb.py   # DDP, 8 GPUs
 
 Every knob is in TrainConfig below; `python train.py --help` lists them with their defaults.
 """
@@ -66,6 +67,7 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto': bfloat16 on CUDA (float16 where bf16 is missing), float32
     #                      elsewhere; or 'float32', 'bfloat16', 'float16' (CUDA only)
     compile: bool = False  # torch.compile each block (slow to start, faster on GPUs)
+    dry_run: bool = False  # print the model's size and the memory estimate, then stop
     seed: int = 1337
 
 
@@ -260,7 +262,7 @@ def read_meta(data_dir):
 TOKENIZER_VOCAB = {"byte": 257, "gpt2": 50257}  # prepare_data.get_tokenizer(name).n_vocab
 
 
-def step_costs(cfg, vocab_size, n_params):
+def step_costs(cfg, vocab_size, n_params, dtype="float32"):
     """What one optimizer step of this process needs: a dict of bytes (parameters, gradients,
     AdamW's two moments, activations with and without grad_ckpt) and the step's FLOPs.
 
@@ -279,8 +281,7 @@ def step_costs(cfg, vocab_size, n_params):
     rows = W + (R - gone) + M  # rows through each block per window: tokens, staying rows, memory
     lend = gone + M  # rows whose keys and values are computed only to be read
     per_window = 4 * (L * C * (18 * rows + 4 * lend + 9 * M) + W * vocab_size)  # bytes/stream
-    if cfg.dtype in ("bfloat16", "float16") or (cfg.dtype == "auto" and cfg.device != "cpu"
-                                                 and torch.cuda.is_available()):
+    if dtype in ("bfloat16", "float16"):  # autocast: the dtype train.py resolved
         per_window *= 0.58
     B = cfg.batch_size  # one micro-step's streams: grad_accum micro-steps run one after another
     state = 4 * L * S * C  # bytes of one stream's carried state
@@ -490,7 +491,7 @@ def train(cfg):
                 file=sys.stderr)
             sys.exit(1)
 
-    costs = step_costs(cfg, meta["vocab_size"], model.num_params())
+    costs = step_costs(cfg, meta["vocab_size"], model.num_params(), dtype)
     peak = next((f for name, f in PEAK_FLOPS.items() if device_type == "cuda"
                  and name in torch.cuda.get_device_name(device)), 0.0)
     say(f"FoldGPT {model.num_params():,} parameters on {device} x {world}, {dtype}; "
@@ -498,6 +499,10 @@ def train(cfg):
         f"{n_streams} streams x {cfg.bptt} windows = {n_streams * span:,} tokens per step; "
         f"{meta['train_tokens']:,} train tokens")
     say(describe_memory(costs, cfg.grad_ckpt))
+    if cfg.dry_run:
+        if ddp:
+            dist.destroy_process_group()
+        return []
     # Ctrl-C asks the loop to stop after the step under way, so the checkpoint is a whole step.
     # (Under torchrun, torchrun itself handles Ctrl-C and stops every process: resume from the
     # last checkpoint.)

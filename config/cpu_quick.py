@@ -1,0 +1,30 @@
+"""The CPU quick start: what `python train.py` does with no arguments, written out as a preset
+to copy and change. About 7 minutes on 2 CPU cores on the built-in corpus.
+
+    python prepare_data.py && python train.py config/cpu_quick.py
+"""
+data_dir = "data/passkeys"
+out_dir = "out"
+window = 32
+n_state = 64
+n_mem = 0
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+batch_size = 16
+bptt = 4
+grad_accum = 1
+grad_ckpt = False
+max_iters = 1500
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 100
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99
+grad_clip = 1.0
+eval_interval = 250
+eval_iters = 20
+log_interval = 25
+dtype = "auto"
