@@ -265,7 +265,13 @@ def test_passkey_corpus_asks_for_keys_stated_earlier_at_many_distances():
     assert sorted(distances)[len(distances) // 2] < 32 * 4  # half of them within 4 windows
 
 
-def test_prepare_streams_pieces_and_workers_give_the_same_tokens(tmp_path):
+@pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
+def test_prepare_streams_pieces_and_workers_give_the_same_tokens(tmp_path, monkeypatch,
+                                                                 tokenizer):
+    if tokenizer == "gpt2":
+        if not os.path.isdir(SHARED_CACHE):
+            pytest.skip("no tiktoken cache beside the repo")
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.abspath(SHARED_CACHE))
     folder = tmp_path / "corpus"
     (folder / "sub").mkdir(parents=True)
     lines = [f"line {i}: the quick brown fox, {i * i} times\n" for i in range(3000)]
@@ -276,14 +282,16 @@ def test_prepare_streams_pieces_and_workers_give_the_same_tokens(tmp_path):
     for workers, piece_mb in [(1, 100.0), (1, 0.01), (2, 0.01)]:
         out = prepare_data.prepare(prepare_data.PrepareConfig(
             input=str(folder), out_dir=str(tmp_path / f"d{len(made)}"), val_fraction=0.1,
-            workers=workers, piece_mb=piece_mb))
+            workers=workers, piece_mb=piece_mb, tokenizer=tokenizer))
         made.append(read_bins(out))
         meta = json.load(open(os.path.join(out, "meta.json")))
         assert meta["train_tokens"] + meta["val_tokens"] == len(made[-1])
         assert meta["val_tokens"] == int(len(made[-1]) * 0.1)
     assert all(np.array_equal(made[0], m) for m in made[1:])
-    expected = (folder / "big.txt").read_bytes() + b"\0" + b"a last short document\0"
-    assert bytes(np.where(made[0] == 256, 0, made[0]).astype(np.uint8)) == expected
+    enc = prepare_data.get_tokenizer(tokenizer)  # and the same as encoding each file whole
+    expected = [*enc.encode_ordinary((folder / "big.txt").read_text()), enc.eot_token,
+                *enc.encode_ordinary("a last short document"), enc.eot_token]
+    assert made[0].tolist() == expected
 
 
 # ---- the scripts ---------------------------------------------------------------------------
