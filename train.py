@@ -545,6 +545,8 @@ def train(cfg):
                 stop_if_not_finite(value)
                 if master:
                     progress.report(it, value, lr)
+        if ddp:
+            dist.barrier()  # every process done (rank 0 has written the checkpoint) before exit
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
