@@ -97,8 +97,9 @@ class CausalSelfAttention(nn.Module):
         # The same-time rule is one causal mask over the slots: slot r reads slots <= r. So a
         # token reads all S carried rows of its layer and the tokens up to itself, and a
         # carried row reads only older carried rows, never the window after it.
-        mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)  # (T, P+T)
-        mask = None if T == 1 else mask  # one new row reads every row: no mask needed
+        mask = None  # one new row (T == 1, sampling) reads every row: no mask needed
+        if T > 1:
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(diagonal=P)
         if bias is not None:  # memory rows are read as strongly as their keep score says
             add = torch.zeros(B, 1, T, P + T, device=x.device, dtype=q.dtype)
             add[:, 0, :, :bias.size(1)] = bias[:, None, :].to(q.dtype)
@@ -293,7 +294,8 @@ class FoldGPT(nn.Module):
         for l, block in enumerate(self.transformer.h):
             rows = torch.cat([window.gone[l], window.stay[l], window.inputs[l]], dim=1)
             recent, pushed = rows[:, rows.size(1) - R:], rows[:, :rows.size(1) - R]
-            mem = self.remember(block, window.mem[l], pushed) if self.config.n_mem else recent[:, :0]
+            mem = (self.remember(block, window.mem[l], pushed) if self.config.n_mem
+                   else recent[:, :0])  # (B, M, C)
             state.append(torch.cat([mem, recent], dim=1))  # (B, S, C)
         return torch.stack(state, dim=1)  # (B, L, S, C)
 

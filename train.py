@@ -141,7 +141,8 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
                                        grad_ckpt=cfg.grad_ckpt)
             total = loss / A
             if cfg.mem_cost and raw.config.n_mem:  # lowers all keep scores alike
-                total = total + cfg.mem_cost / A * sum(b.keep.bias.sum() for b in raw.transformer.h)
+                push = sum(block.keep.bias.sum() for block in raw.transformer.h)
+                total = total + cfg.mem_cost / A * push
             (total if scaler is None else scaler.scale(total)).backward()
         losses.append(loss.detach())
         states.append(after.detach())
