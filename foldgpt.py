@@ -25,10 +25,16 @@ W window, S carried rows per layer, L layers, C channels, nh heads, hs head size
 One window, at layer l, works on the rows [state[:, l] ; x]: the S carried token states of
 layer l from earlier windows, then the T tokens of this window. Row r may read rows <= r, so a
 token sees every carried row of its own layer (the same time) and the tokens before it, and
-the carried rows see only each other: they are evolved once more by Block l, every window.
+the carried rows see only each other: they are evolved once more by Block l, every window, and
+move that far towards their evolved selves as a learned gate says (0 at first: as written).
 After the window, state[:, l] becomes the last S rows of [evolved state ; tokens at layer l].
 (The carried rows that this pushes out are not evolved: they only lend their keys and values.)
 With n_state = 0 nothing is carried and FoldGPT is a plain GPT whose context is one window.
+
+Three choices of ours (not the paper's) make a copy by content, the look-back a pass key needs,
+learnable in a hundred steps (python probe.py --task=recall): that gate, token shift (each key
+also reads the row before it, see CausalSelfAttention), and untied input and output embeddings.
+Each is a switch in the config.
 
 An experiment, off by default (n_mem = 0): n_mem of the S rows per layer can be a memory that
 outlives the S - n_mem recent rows. A row pushed out of the recent part enters the memory if a
@@ -59,6 +65,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        if config.token_shift:
+            # Token shift: a row's key also says which token came before it. So one layer can
+            # find "the token that followed the earlier #" (an induction step, which copying a
+            # pass key is) where a plain GPT needs two: the first only to copy each token's
+            # predecessor into it. (Anthropic's "smeared keys" do the same with one matrix.)
+            self.c_prev = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
@@ -74,23 +86,27 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("cos", angle.cos(), persistent=False)
         self.register_buffer("sin", angle.sin(), persistent=False)
 
-    def project(self, x, P):
-        """Queries, keys and values (B, nh, T, hs) of rows x (B, T, C) at slots P..P+T-1."""
+    def project(self, x, before, P):
+        """Queries, keys and values (B, nh, T, hs) of rows x (B, T, C) at slots P..P+T-1;
+        before (B, T, C): the row before each, read into the keys (token shift), or None."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
+        if before is not None:
+            k = k + self.c_prev(before)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         cos, sin = self.cos[P:P + T], self.sin[P:P + T]
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def forward(self, x, kv=None, bias=None):
-        """x: (B, T, C) new rows; kv: the keys and values of the P rows before them, or None;
+    def forward(self, x, before=None, kv=None, bias=None):
+        """x: (B, T, C) new rows, before: the row before each or None (see project); kv: the
+        keys and values of the P rows before them, or None;
         bias: (B, M) added to the attention logits of the first M of those P rows, or None.
         Returns the new rows' outputs (B, T, C) and the keys and values of all P + T rows."""
         B, T, C = x.size()
         P = 0 if kv is None else kv[0].size(2)
-        q, k, v = self.project(x, P)
+        q, k, v = self.project(x, before, P)
         if kv is not None:
             k = torch.cat([kv[0], k], dim=2)  # (B, nh, P+T, hs)
             v = torch.cat([kv[1], v], dim=2)  # (B, nh, P+T, hs)
@@ -141,24 +157,39 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
-        if config.n_mem:
-            # The memory's two learned parts (see FoldGPT.fold): a keep score per row, which
-            # decides what enters the memory and biases how strongly it is read, and a gate on
-            # how far each window evolves the memory rows, 0 at first (they stay as written).
-            self.keep = nn.Linear(config.n_embd, 1, bias=True)
+        if config.n_mem or (config.evolve_gate and config.n_state - config.n_mem > config.window):
+            # A gate on how far each window evolves the carried rows: 0 at first, so they stay
+            # as written, where the window's tokens learn to read them fastest. (Made only where
+            # rows stay through a whole window: a parameter that no step uses stalls DDP.)
             self.evolve = nn.Parameter(torch.zeros(()))
+        if config.n_mem:
+            # The memory's keep score per row, which decides what enters the memory and biases
+            # how strongly it is read (see FoldGPT.fold).
+            self.keep = nn.Linear(config.n_embd, 1, bias=True)
+        self.token_shift = config.token_shift
 
     def keep_score(self, x):
         """(B, T) keep scores of rows x (B, T, C): a row enters the memory when its score > 0."""
         return self.keep(self.ln_1(x)).squeeze(-1)
 
+    def norm(self, x, prev=None):
+        """ln_1 of rows x (B, T, C), and with token shift ln_1 of the row before each of them
+        (prev (B, 1, C) before the first; None: a zero row, nothing came before it)."""
+        if not self.token_shift:
+            return self.ln_1(x), None
+        if prev is None:
+            h = self.ln_1(x)
+            return h, F.pad(h[:, :-1], (0, 0, 1, 0))  # (B, T, C), a zero row first
+        h = self.ln_1(torch.cat([prev, x], dim=1))
+        return h[:, 1:], h[:, :-1]
+
     def keys_values(self, x):
         """The keys and values this block reads from rows x at slots 0..T-1."""
-        _, k, v = self.attn.project(self.ln_1(x), 0)
+        _, k, v = self.attn.project(*self.norm(x), 0)
         return k, v
 
-    def forward(self, x, kv=None, bias=None):
-        a, kv = self.attn(self.ln_1(x), kv, bias)
+    def forward(self, x, kv=None, bias=None, prev=None):
+        a, kv = self.attn(*self.norm(x, prev), kv, bias)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv
@@ -170,6 +201,9 @@ class FoldGPTConfig:
     window: int = 32  # W: new tokens per window (the paper used 12)
     n_state: int = 64  # S: carried rows per layer; 0 makes a plain GPT with a W-token context
     n_mem: int = 0  # of the S rows, how many are memory: rows kept for their keep score
+    token_shift: bool = True  # a row's key also reads the row before it
+    tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
+    evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -204,6 +238,7 @@ class Window:
     gone: list  # per layer: (B, gone, C) recent rows that this window pushes out
     stay: list  # per layer: (B, R-gone, C) recent rows that stay; evolved by the first step
     kv: list  # per layer: (k, v) of the rows so far, each (B, nh, rows, hs), or None
+    last: list  # per layer: (B, 1, C) the lending row just before the window's rows, or None
     inputs: list  # per layer: (B, n, C), the token states that entered Block l
     size: int  # tokens the window will hold when it is folded
     n: int = 0  # tokens in the window so far
@@ -222,7 +257,8 @@ class FoldGPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings
+        if config.tie_embeddings:  # GPT-2's choice; untied, a pass key is learned far sooner
+            self.transformer.wte.weight = self.lm_head.weight
         # What the first window reads as its past: a learned state, S rows per layer.
         self.state0 = nn.Parameter(torch.zeros(config.n_layer, config.n_state, config.n_embd))
         self.apply(self._init_weights)
@@ -251,7 +287,7 @@ class FoldGPT(nn.Module):
         layer are [M memory rows ; R = S - M recent rows]."""
         M = self.config.n_mem
         gone = min(size, self.config.n_state - M)  # the oldest recent rows make way
-        window = Window(mem=[], bias=[], gone=[], stay=[], kv=[], inputs=[], size=size)
+        window = Window(mem=[], bias=[], gone=[], stay=[], kv=[], last=[], inputs=[], size=size)
         for l, block in enumerate(self.transformer.h):
             rows = state[:, l]  # (B, S, C): the past, at the same time (layer) as Block l
             mem, recent = rows[:, :M], rows[:, M:]
@@ -262,6 +298,7 @@ class FoldGPT(nn.Module):
                 bias = F.logsigmoid(block.keep_score(mem))  # (B, M), <= 0
             past = torch.cat([mem, recent[:, :gone]], dim=1)  # rows that only lend keys/values
             window.kv.append(block.keys_values(past) if past.size(1) else None)
+            window.last.append(past[:, -1:] if past.size(1) else None)
             window.mem.append(mem)
             window.bias.append(bias)
             window.gone.append(recent[:, :gone])  # (B, gone, C)
@@ -273,12 +310,16 @@ class FoldGPT(nn.Module):
         """Run the next tokens idx (B, T) of the window; returns their final states (B, T, C)."""
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         for l, block in enumerate(self.transformer.h):
+            # the row before these: the last lending row, or this window's previous token
+            prev = window.last[l] if window.n == 0 else window.inputs[l][:, -1:]
             window.inputs[l] = torch.cat([window.inputs[l], x], dim=1)  # (B, n+T, C)
             m = window.stay[l].size(1) if window.n == 0 else 0  # rows riding with the first
             rows = torch.cat([window.stay[l], x], dim=1) if m else x  # (B, m+T, C)
-            out, window.kv[l] = block(rows, window.kv[l], window.bias[l])
-            if m:
+            out, window.kv[l] = block(rows, window.kv[l], window.bias[l], prev)
+            if m and not self.config.evolve_gate:
                 window.stay[l] = out[:, :m]  # the carried rows, evolved once more
+            elif m and hasattr(block, "evolve"):  # ... by the gate's share (no gate: none)
+                window.stay[l] = window.stay[l] + block.evolve * (out[:, :m] - window.stay[l])
             x = out[:, m:]  # (B, T, C)
         window.n += idx.size(1)
         return self.transformer.ln_f(x)

@@ -86,21 +86,24 @@ def filler(rng, length):
 # makes the key easy to find again (a copy of what follows the one earlier '#', which attention
 # learns fast, rather than of what follows "is ", which the filler says three times over).
 # eval.py asks in these same words.
-def key_statement(key):
-    return f"The pass key is #{key}. Remember it. #{key} is the pass key. "
+def key_statement(key, between=""):
+    """The key stated, then said again after `between` (the passkey test's words have none)."""
+    return f"The pass key is #{key}. Remember it. {between}#{key} is the pass key. "
 
 
 KEY_QUESTION = "What is the pass key? The pass key is #"
 
 
 def passkey_document(rng, max_gap, rounds):
-    """Rounds of: filler, a key stated once, filler of a log-uniform length, the question. The
-    gaps run from inside one window to far beyond it; half of them are under 64 characters."""
+    """Rounds of: filler, a key stated and said again after filler of 0 to 47 characters (so
+    the repeat is a look-back by content, not at a fixed distance), filler of a log-uniform
+    length, the question. The gaps run from inside one window to far beyond it; half of them
+    are under 64 characters."""
     parts = [INTRO]
     for _ in range(rounds):
         key = rng.randrange(10000, 100000)
         parts.append(filler(rng, rng.randrange(30)))
-        parts.append(key_statement(key))
+        parts.append(key_statement(key, filler(rng, rng.randrange(48))))
         parts.append(filler(rng, int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))))
         parts.append(f"{KEY_QUESTION}{key}.\n")
     return "".join(parts)

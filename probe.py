@@ -1,31 +1,45 @@
 """
-The copy probe: the fast signal of whether a design can learn to use its carried state at all.
+Two probes: the fast signal of whether a design can learn to use its carried state at all.
 
-Each sequence is 32 random letters, then the same 32 letters again, with the loss on the copy
-only. With a window of 32 the copy sits wholly in the second window, so it can only come from
-what the first window left in the state. We count the optimizer steps until the copy's loss
-falls below --target (chance is ln 26 = 3.26).
+--task=copy: each sequence is 32 random letters, then the same 32 letters again, with the loss
+on the copy only. With a window of 32 the copy sits wholly in the second window, so it can only
+come from what the first window left in the state. Chance is ln 26 = 3.26. A copy at a fixed
+distance: attention can find it by position alone.
 
-    python probe.py                       # the default FoldGPT and the baselines, about 1 minute
+--task=recall: 96 bytes of the pass-key test's filler ("The grass is green. ..."), three
+windows of 32, with three pairs "#d" (a marker, one of 10 signs, then a digit) planted in the
+first window; each marker comes again somewhere in windows 2-3, and the loss is on the digit
+after it, which only the first window saw (S=64 carried rows reach two windows back). Chance
+is ln 10 = 2.30. The distance differs every time, so the model must find the marker by what it
+is: "what followed this token before" (an induction step), which is what a pass key needs.
+
+We count the optimizer steps until the loss falls below --target.
+
+    python probe.py                       # the copy probe and its baselines, about 2 minutes
+    python probe.py --task=recall         # the recall probe and the design choices it picked
     python probe.py --n_state=32 --max_steps=2000
 
-Rows: full attention over both copies in one window of 64 (the bar to match), FoldGPT as
-configured, and the same FoldGPT with its state reset at every window (which must stay at
-chance: if it learns, the probe leaks).
+Rows: full attention over the whole sequence in one window (the bar to match), FoldGPT as
+configured (for recall also without token shift, with tied embeddings, and with its carried
+rows evolved fully every window instead of by a gate that starts at 0), and the same FoldGPT
+with its state reset at every window (which must stay at chance: if it learns, the probe leaks).
 """
 
+import random
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from configurator import configure
+from configurator import configure, fail
 from foldgpt import FoldGPT, FoldGPTConfig
+from prepare_data import filler
 
 
 @dataclass
 class ProbeConfig:
+    task: str = "copy"  # 'copy' (a fixed distance) or 'recall' (found by content)
     window: int = 32  # W; the copy is 32 letters, so with W = 32 it crosses one boundary
     n_state: int = 64  # S of the FoldGPT row
     n_layer: int = 4
@@ -34,25 +48,55 @@ class ProbeConfig:
     batch_size: int = 16
     learning_rate: float = 1e-3
     max_steps: int = 600  # give up after this many steps
-    target: float = 0.3  # the copy counts as learned below this loss
+    target: float = 0.3  # the task counts as learned below this loss
     seed: int = 0
 
 
-def steps_to_learn(cfg, window, n_state, reset_state=False):
-    """Optimizer steps until the copy loss < cfg.target, or None within cfg.max_steps."""
+def copy_batch(cfg, gen):
+    """(x, y) (B, 64): 32 letters then the same again; y is -1 but on the copy."""
+    first = torch.randint(1, 27, (cfg.batch_size, 32), generator=gen)
+    x = torch.cat([torch.zeros_like(first[:, :1]), first, first[:, :-1]], dim=1)  # (B, 64)
+    y = torch.cat([torch.full_like(first, -1), first], dim=1)  # loss on the copy only
+    return x, y
+
+
+FILLER = torch.tensor(list(filler(random.Random(0), 4096).encode()))
+MARKERS = torch.tensor(list(b"#$%&*+=@^~"))
+
+
+def recall_batch(cfg, gen, pairs=3):
+    """(x, y) (B, 96) bytes: filler with `pairs` marker-digit pairs planted twice; y is -1 but
+    on the digit that follows a marker's second coming."""
+    starts = torch.randint(0, len(FILLER) - 97, (cfg.batch_size,), generator=gen)
+    seq = torch.stack([FILLER[s:s + 97] for s in starts.tolist()])  # (B, 97)
+    y = torch.full((cfg.batch_size, 96), -1)
+    pick = lambda n, k: torch.randperm(n, generator=gen)[:k]
+    for b in range(cfg.batch_size):
+        markers = MARKERS[pick(len(MARKERS), pairs)]
+        digits = ord("0") + torch.randint(0, 10, (pairs,), generator=gen)
+        for first, again, m, d in zip(2 * pick(15, pairs), 32 + 2 * pick(32, pairs), markers,
+                                      digits):
+            seq[b, first], seq[b, first + 1] = m, d  # in the first window: slots 0-29
+            seq[b, again], seq[b, again + 1] = m, d  # later: slots 32-95
+            y[b, again] = d
+    return seq[:, :-1], y
+
+
+def steps_to_learn(cfg, window, n_state, reset_state=False, **design):
+    """Optimizer steps until the task's loss < cfg.target, or None within cfg.max_steps.
+    design: FoldGPTConfig fields to change (token_shift, tie_embeddings)."""
     torch.manual_seed(cfg.seed)
-    model = FoldGPT(FoldGPTConfig(vocab_size=27, window=window, n_state=n_state,
-                                  n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
+    model = FoldGPT(FoldGPTConfig(vocab_size=27 if cfg.task == "copy" else 256, window=window,
+                                  n_state=n_state, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                  n_embd=cfg.n_embd, **design))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99))
-    letters = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.max_steps):
-        first = torch.randint(1, 27, (cfg.batch_size, 32), generator=letters)
-        x = torch.cat([torch.zeros_like(first[:, :1]), first, first[:, :-1]], dim=1)  # (B, 64)
-        y = torch.cat([torch.full_like(first, -1), first], dim=1)  # loss on the copy only
+        x, y = (copy_batch if cfg.task == "copy" else recall_batch)(cfg, gen)
         if reset_state:  # each window alone, from the learned initial state
             start = model.initial_state(cfg.batch_size)
             loss = sum(model.run_window(x[:, t:t + window], start, y[:, t:t + window])[0]
-                       for t in range(0, 64, window)) / (y != -1).sum()
+                       for t in range(0, x.size(1), window)) / (y != -1).sum()
         else:
             _, loss, _ = model(x, None, y)
         optimizer.zero_grad(set_to_none=True)
@@ -65,15 +109,25 @@ def steps_to_learn(cfg, window, n_state, reset_state=False):
 
 
 def main(cfg):
-    rows = [("full attention, one window of 64", 64, 0, False),
-            (f"FoldGPT W={cfg.window} S={cfg.n_state}", cfg.window, cfg.n_state, False),
-            (f"FoldGPT W={cfg.window} S={cfg.n_state}, state reset every window",
-             cfg.window, cfg.n_state, True)]
-    print(f"copy probe: steps until the copy loss < {cfg.target} (chance 3.26), "
+    if cfg.task not in ("copy", "recall"):
+        fail(f"unknown task {cfg.task!r}: use copy or recall")
+    n, chance = (64, 3.26) if cfg.task == "copy" else (96, 2.30)
+    fold = f"FoldGPT W={cfg.window} S={cfg.n_state}"
+    rows = [(f"full attention, one window of {n}", n, 0, False, {}),
+            (fold, cfg.window, cfg.n_state, False, {})]
+    if cfg.task == "recall":
+        rows += [(f"{fold}, no token shift", cfg.window, cfg.n_state, False,
+                  dict(token_shift=False)),
+                 (f"{fold}, tied embeddings", cfg.window, cfg.n_state, False,
+                  dict(tie_embeddings=True)),
+                 (f"{fold}, carried rows fully evolved", cfg.window, cfg.n_state, False,
+                  dict(evolve_gate=False))]
+    rows.append((f"{fold}, state reset every window", cfg.window, cfg.n_state, True, {}))
+    print(f"{cfg.task} probe: steps until the loss < {cfg.target} (chance {chance}), "
           f"at most {cfg.max_steps}; L={cfg.n_layer} C={cfg.n_embd} B={cfg.batch_size}")
-    for name, window, n_state, reset in rows:
+    for name, window, n_state, reset, design in rows:
         t = time.time()
-        steps = steps_to_learn(cfg, window, n_state, reset)
+        steps = steps_to_learn(cfg, window, n_state, reset, **design)
         found = f"{steps} steps" if steps else f"not within {cfg.max_steps}"
         print(f"  {name:55} {found:>18}  ({time.time() - t:.0f} s)", flush=True)
 

@@ -41,9 +41,10 @@ MEMORY = dict(n_state=10, n_mem=6)  # 6 memory rows and 4 recent rows per layer
 def tiny(**changes):
     torch.manual_seed(0)
     model = FoldGPT(FoldGPTConfig(**{**TINY, **changes})).eval()
-    if model.config.n_mem:
-        for block in model.transformer.h:
-            block.evolve.data.fill_(0.5)  # 0 at init: make the tests see the memory evolve
+    for block in model.transformer.h:
+        if hasattr(block, "evolve"):
+            block.evolve.data.fill_(0.5)  # 0 at init: make the tests see the carried rows evolve
+        if model.config.n_mem:
             block.keep.bias.data.fill_(0.05)  # about half the rows enter the memory
     return model
 
@@ -142,6 +143,20 @@ def test_state_shape_is_fixed_by_the_config(n_tokens):
     assert state.shape == (3, c.n_layer, c.n_state, c.n_embd)
     _, state = model.generate(tokens(3, batch=3), n_tokens, temperature=0)
     assert state.shape == (3, c.n_layer, c.n_state, c.n_embd)
+
+
+def test_carried_rows_evolve_by_the_gate_and_stay_as_written_at_0():
+    model = tiny()  # W=4, S=8: after a window the state is [the 4 rows that stayed ; 4 tokens]
+    state = model.initial_state(2) + torch.randn(2, 2, 8, 16)
+    _, _, after = model(tokens(4), state)
+    assert not torch.allclose(after[:, :, :4], state[:, :, 4:])  # gate 0.5: evolved
+    for block in model.transformer.h:
+        block.evolve.data.zero_()
+    _, _, after = model(tokens(4), state)
+    assert torch.equal(after[:, :, :4], state[:, :, 4:])  # gate 0: as written
+    # where no row stays through a whole window there is nothing to gate, and no parameter
+    # that a step would leave without a gradient (DDP waits for those)
+    assert not hasattr(tiny(n_state=4).transformer.h[0], "evolve")
 
 
 @torch.no_grad()
@@ -251,16 +266,18 @@ def test_passkey_corpus_asks_for_keys_stated_earlier_at_many_distances():
     docs = prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=7)
     assert docs == prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=7)
     assert docs != prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=8)
-    distances = []
+    distances, between = [], set()
     for doc in docs:
         stated = [(m.end(), m.group(1)) for m in re.finditer(
-            r"The pass key is #(\d+)\. Remember it\. #\1 is the pass key\.", doc)]
+            r"The pass key is #(\d+)\. Remember it\. ([^#]*)#\1 is the pass key\.", doc)]
+        between |= {m.group(1) for m in re.finditer(r"Remember it\. ([^#]*)#", doc)}
         asked = [(m.start(), m.group(1)) for m in re.finditer(
             r"What is the pass key\? The pass key is #(\d+)\.", doc)]
         assert len(stated) == len(asked) >= 1 and doc.count("#") == 3 * len(stated)
         for (said_at, key), (asked_at, answer) in zip(stated, asked):
             assert answer == key and asked_at > said_at
             distances.append(asked_at - said_at)
+    assert "" in between and len(between) > 5  # the repeat comes at many distances too
     assert min(distances) < 32 and max(distances) > 32 * 32  # windows of 32 bytes
     assert sorted(distances)[len(distances) // 2] < 32 * 4  # half of them within 4 windows
 
@@ -796,3 +813,17 @@ def test_bench_plot_is_a_png(tmp_path):
     lat = {"FoldGPT": {256: 1.0, 16384: 1.0}, "kv cache": {256: 1.0, 16384: 9.0}}
     assert bench.save_plot(lat, str(tmp_path / "b.png"))
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recall_probe_asks_only_for_digits_the_first_window_saw():
+    import probe
+    cfg = probe.ProbeConfig(task="recall", batch_size=4)
+    x, y = probe.recall_batch(cfg, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 96)
+    for b in range(4):
+        asked = (y[b] != -1).nonzero().flatten().tolist()
+        assert len(asked) == 3
+        for t in asked:  # x[t] is a marker seen once in slots 0-29; y[t] the digit that followed
+            assert 32 <= t < 95 and chr(x[b, t]) in "#$%&*+=@^~"
+            first = (x[b, :30] == x[b, t]).nonzero().flatten().tolist()
+            assert len(first) == 1 and x[b, first[0] + 1] == y[b, t] and chr(y[b, t]).isdigit()

@@ -1,7 +1,7 @@
 """
 Train FoldGPT window by window, carrying the state along each of B contiguous streams.
 
-    python prepare_data.py && python train.py          # the CPU quick start, about 7 minutes
+    python prepare_data.py && python train.py          # the CPU quick start, about 11 minutes
     python train.py --max_iters=200 --n_state=0        # the plain windowed GPT, same recipe
     python train.py config/my_run.py --device=cuda     # `key = value` lines, then flags
     torchrun --standalone --nproc_per_node=8 train.py config/paper_24gb.py   # DDP, 8 GPUs
@@ -39,6 +39,9 @@ class TrainConfig:
     n_state: int = 64  # S: carried rows per layer (0: a plain GPT with a W-token context)
     n_mem: int = 0  # of the S rows, memory rows kept for their learned keep score
     mem_cost: float = 0.0  # a push down on every keep score, so that only rows worth it stay
+    token_shift: bool = True  # a row's key also reads the row before it
+    tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
+    evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # C: channels
@@ -289,10 +292,12 @@ def step_costs(cfg, vocab_size, n_params, dtype="float32"):
     acts = B * cfg.bptt * per_window
     acts_ckpt = B * (cfg.bptt * state + 1.5 * per_window)
     # FLOPs: 2 per multiply-add forward, 4 more backward; every row through a block costs
-    # its weights (12 C^2 per layer), every (row, key) pair 4 C in attention.
-    keys = S + W
-    flops_window = 2 * (L * (12 * C * C * rows + 2 * C * (W + R - gone) * keys + 2 * C * M * M)
-                        + 3 * lend * L * C * C + W * C * vocab_size)
+    # its weights (12 C^2 per layer, 13 with token shift), every (row, key) pair 4 C in
+    # attention.
+    keys, shift = S + W, int(cfg.token_shift)
+    flops_window = 2 * (L * ((12 + shift) * C * C * rows + 2 * C * (W + R - gone) * keys
+                             + 2 * C * M * M)
+                        + (3 + shift) * lend * L * C * C + W * C * vocab_size)
     return dict(params=4 * n_params, grads=4 * n_params, adamw=8 * n_params,
                 activations=acts, activations_ckpt=acts_ckpt,
                 flops=3 * flops_window * B * cfg.bptt * cfg.grad_accum)

@@ -1,11 +1,12 @@
-"""GPT-2 small (124M parameters) with the paper's 12-token window, sized for one 24 GB GPU.
+"""GPT-2 small's shape (131M parameters, 7.1M of them token shift's) with the paper's 12-token
+window, sized for one 24 GB GPU.
 
     python prepare_data.py --input=path/to/corpus/ --tokenizer=gpt2 --workers=8 --out_dir=data/corpus_gpt2
     python train.py config/paper_24gb.py --data_dir=data/corpus_gpt2
     torchrun --standalone --nproc_per_node=8 train.py config/paper_24gb.py --grad_accum=1 ...
 
-The memory estimate train.py prints for it: 1.9 GB of weights, gradients and AdamW, plus
-13.5 GB of activations without grad_ckpt (3.4 GB in all with it), so it fits 24 GB with
+The memory estimate train.py prints for it: 2.0 GB of weights, gradients and AdamW, plus
+13.5 GB of activations without grad_ckpt (3.5 GB in all with it), so it fits 24 GB with
 about a third to spare. Each optimizer step is 4 micro-steps x 16 streams x 32 windows of 12
 tokens: 24,576 tokens.
 """
@@ -19,6 +20,7 @@ n_layer = 12
 n_head = 12
 n_embd = 768
 dropout = 0.0
+tie_embeddings = True  # untied would add 50,257 x 768 = 38.6M parameters
 # one optimizer step
 batch_size = 16
 bptt = 32
