@@ -17,6 +17,7 @@ We count the optimizer steps until the loss falls below --target.
 
     python probe.py                       # the copy probe and its baselines, about 2 minutes
     python probe.py --task=recall         # the recall probe and the design choices it picked
+    python probe.py --task=recall --digits=5   # keys of 5 digits, as a pass key
     python probe.py --n_state=32 --max_steps=2000
 
 Rows: full attention over the whole sequence in one window (the bar to match), FoldGPT as
@@ -40,6 +41,7 @@ from prepare_data import filler
 @dataclass
 class ProbeConfig:
     task: str = "copy"  # 'copy' (a fixed distance) or 'recall' (found by content)
+    digits: int = 1  # recall: digits per key (a pass key has 5)
     window: int = 32  # W; the copy is 32 letters, so with W = 32 it crosses one boundary
     n_state: int = 64  # S of the FoldGPT row
     n_layer: int = 4
@@ -65,20 +67,23 @@ MARKERS = torch.tensor(list(b"#$%&*+=@^~"))
 
 
 def recall_batch(cfg, gen, pairs=3):
-    """(x, y) (B, 96) bytes: filler with `pairs` marker-digit pairs planted twice; y is -1 but
-    on the digit that follows a marker's second coming."""
+    """(x, y) (B, 96) bytes: filler with `pairs` marker-key pairs planted twice, each key
+    cfg.digits digits; y is -1 but on the key's digits after a marker's second coming."""
     starts = torch.randint(0, len(FILLER) - 97, (cfg.batch_size,), generator=gen)
     seq = torch.stack([FILLER[s:s + 97] for s in starts.tolist()])  # (B, 97)
     y = torch.full((cfg.batch_size, 96), -1)
     pick = lambda n, k: torch.randperm(n, generator=gen)[:k]
+    d = cfg.digits
+    step = d + 1  # a marker and its key
     for b in range(cfg.batch_size):
         markers = MARKERS[pick(len(MARKERS), pairs)]
-        digits = ord("0") + torch.randint(0, 10, (pairs,), generator=gen)
-        for first, again, m, d in zip(2 * pick(15, pairs), 32 + 2 * pick(32, pairs), markers,
-                                      digits):
-            seq[b, first], seq[b, first + 1] = m, d  # in the first window: slots 0-29
-            seq[b, again], seq[b, again + 1] = m, d  # later: slots 32-95
-            y[b, again] = d
+        keys = ord("0") + torch.randint(0, 10, (pairs, d), generator=gen)
+        for first, again, m, key in zip(step * pick((29 - d) // step + 1, pairs),
+                                        32 + step * pick((63 - d) // step + 1, pairs),
+                                        markers, keys):
+            seq[b, first], seq[b, first + 1:first + step] = m, key  # in slots 0-29
+            seq[b, again], seq[b, again + 1:again + step] = m, key  # later: slots 32-95
+            y[b, again:again + d] = key
     return seq[:, :-1], y
 
 
@@ -111,6 +116,8 @@ def steps_to_learn(cfg, window, n_state, reset_state=False, **design):
 def main(cfg):
     if cfg.task not in ("copy", "recall"):
         fail(f"unknown task {cfg.task!r}: use copy or recall")
+    if not 1 <= cfg.digits <= 9:
+        fail(f"--digits must be between 1 and 9, got {cfg.digits}")
     n, chance = (64, 3.26) if cfg.task == "copy" else (96, 2.30)
     fold = f"FoldGPT W={cfg.window} S={cfg.n_state}"
     rows = [(f"full attention, one window of {n}", n, 0, False, {}),

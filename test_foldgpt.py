@@ -815,15 +815,18 @@ def test_bench_plot_is_a_png(tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_recall_probe_asks_only_for_digits_the_first_window_saw():
+@pytest.mark.parametrize("digits", [1, 5])
+def test_recall_probe_asks_only_for_digits_the_first_window_saw(digits):
     import probe
-    cfg = probe.ProbeConfig(task="recall", batch_size=4)
+    cfg = probe.ProbeConfig(task="recall", batch_size=4, digits=digits)
     x, y = probe.recall_batch(cfg, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 96)
     for b in range(4):
         asked = (y[b] != -1).nonzero().flatten().tolist()
-        assert len(asked) == 3
-        for t in asked:  # x[t] is a marker seen once in slots 0-29; y[t] the digit that followed
-            assert 32 <= t < 95 and chr(x[b, t]) in "#$%&*+=@^~"
+        assert len(asked) == 3 * digits
+        for t in asked[::digits]:  # x[t]: a marker seen once in slots 0-29; y: the key after it
+            assert 32 <= t and t + digits <= 95 and chr(x[b, t]) in "#$%&*+=@^~"
             first = (x[b, :30] == x[b, t]).nonzero().flatten().tolist()
-            assert len(first) == 1 and x[b, first[0] + 1] == y[b, t] and chr(y[b, t]).isdigit()
+            assert len(first) == 1
+            key = x[b, first[0] + 1:first[0] + 1 + digits]
+            assert torch.equal(key, y[b, t:t + digits]) and all(chr(c).isdigit() for c in key)
