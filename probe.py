@@ -89,7 +89,7 @@ def recall_batch(cfg, gen, pairs=3):
 
 def steps_to_learn(cfg, window, n_state, reset_state=False, **design):
     """Optimizer steps until the task's loss < cfg.target, or None within cfg.max_steps.
-    design: FoldGPTConfig fields to change (token_shift, tie_embeddings)."""
+    design: FoldGPTConfig fields to change (token_shift, tie_embeddings, evolve_gate)."""
     torch.manual_seed(cfg.seed)
     model = FoldGPT(FoldGPTConfig(vocab_size=27 if cfg.task == "copy" else 256, window=window,
                                   n_state=n_state, n_layer=cfg.n_layer, n_head=cfg.n_head,
