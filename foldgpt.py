@@ -32,13 +32,15 @@ After the window, state[:, l] becomes the last S rows of [evolved state ; tokens
 With n_state = 0 nothing is carried and FoldGPT is a plain GPT whose context is one window.
 
 Three choices of ours (not the paper's) make a copy by content, the look-back a pass key needs,
-learnable in a hundred steps (python probe.py --task=recall): that gate, token shift (each key
-also reads the row before it, see CausalSelfAttention), and untied input and output embeddings.
-Each is a switch in the config.
+learnable in under a hundred steps (python probe.py --task=recall --digits=5): that gate, token
+shift (each key also reads the two rows before it and each query the row before it, see
+CausalSelfAttention), and untied input and output embeddings. Each is a switch in the config.
 
 An experiment, off by default (n_mem = 0): n_mem of the S rows per layer can be a memory that
 outlives the S - n_mem recent rows. A row pushed out of the recent part enters the memory if a
-learned keep score says so, and stays until n_mem newer rows have entered (see remember).
+learned keep score says so, and stays until n_mem newer rows have entered (see remember). At
+first every row enters (keep_init > 0): the memory is more recent rows; train.py's mem_cost
+then teaches the score to let in only the rows that are read from there.
 """
 
 import math
@@ -65,12 +67,17 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        if config.token_shift:
-            # Token shift: a row's key also says which token came before it. So one layer can
-            # find "the token that followed the earlier #" (an induction step, which copying a
-            # pass key is) where a plain GPT needs two: the first only to copy each token's
-            # predecessor into it. (Anthropic's "smeared keys" do the same with one matrix.)
-            self.c_prev = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        K, C = int(config.token_shift), config.n_embd
+        if K:
+            # Token shift: a row's key also says which K tokens came before it, and its query
+            # which K-1 came before it. So one layer can find "the token that followed the
+            # earlier '#'" (an induction step, which copying a pass key is) where a plain GPT
+            # needs two: the first only to copy each token's predecessor into it (Anthropic's
+            # "smeared keys" do this with K = 1). With K = 2 a query "3 after 0" finds the row
+            # after the earlier "03", not after any "3": a copy of many digits stays on track.
+            self.c_prev = nn.Linear(K * C, C, bias=False)  # the K rows before -> key
+        if K > 1:
+            self.c_prevq = nn.Linear((K - 1) * C, C, bias=False)  # the K-1 rows before -> query
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
@@ -88,11 +95,14 @@ class CausalSelfAttention(nn.Module):
 
     def project(self, x, before, P):
         """Queries, keys and values (B, nh, T, hs) of rows x (B, T, C) at slots P..P+T-1;
-        before (B, T, C): the row before each, read into the keys (token shift), or None."""
+        before (B, T, K*C): the K rows before each, nearest first, read into the keys and the
+        nearest K-1 into the queries (token shift), or None."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         if before is not None:
             k = k + self.c_prev(before)
+            if before.size(-1) > C:
+                q = q + self.c_prevq(before[..., :-C])
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -102,7 +112,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, before=None, kv=None, bias=None):
         """x: (B, T, C) new rows, before: the row before each or None (see project); kv: the
         keys and values of the P rows before them, or None;
-        bias: (B, M) added to the attention logits of the first M of those P rows, or None.
+        bias: (B, N) added to the attention logits of the first N of the P + T rows, or None.
         Returns the new rows' outputs (B, T, C) and the keys and values of all P + T rows."""
         B, T, C = x.size()
         P = 0 if kv is None else kv[0].size(2)
@@ -166,22 +176,22 @@ class Block(nn.Module):
             # The memory's keep score per row, which decides what enters the memory and biases
             # how strongly it is read (see FoldGPT.fold).
             self.keep = nn.Linear(config.n_embd, 1, bias=True)
-        self.token_shift = config.token_shift
+        self.token_shift = int(config.token_shift)
 
     def keep_score(self, x):
         """(B, T) keep scores of rows x (B, T, C): a row enters the memory when its score > 0."""
         return self.keep(self.ln_1(x)).squeeze(-1)
 
     def norm(self, x, prev=None):
-        """ln_1 of rows x (B, T, C), and with token shift ln_1 of the row before each of them
-        (prev (B, 1, C) before the first; None: a zero row, nothing came before it)."""
-        if not self.token_shift:
+        """ln_1 of rows x (B, T, C), and with token shift ln_1 of the K rows before each of them
+        side by side, nearest first (B, T, K*C). prev (B, <=K, C): the rows before the first,
+        or None; where fewer than K rows came before, zeros stand in for them."""
+        K, T = self.token_shift, x.size(1)
+        if not K:
             return self.ln_1(x), None
-        if prev is None:
-            h = self.ln_1(x)
-            return h, F.pad(h[:, :-1], (0, 0, 1, 0))  # (B, T, C), a zero row first
-        h = self.ln_1(torch.cat([prev, x], dim=1))
-        return h[:, 1:], h[:, :-1]
+        h = self.ln_1(x if prev is None else torch.cat([prev, x], dim=1))
+        h = F.pad(h, (0, 0, T + K - h.size(1), 0))  # (B, K+T, C): K rows before the first
+        return h[:, K:], torch.cat([h[:, K - i:K - i + T] for i in range(1, K + 1)], dim=-1)
 
     def keys_values(self, x):
         """The keys and values this block reads from rows x at slots 0..T-1."""
@@ -201,7 +211,8 @@ class FoldGPTConfig:
     window: int = 32  # W: new tokens per window (the paper used 12)
     n_state: int = 64  # S: carried rows per layer; 0 makes a plain GPT with a W-token context
     n_mem: int = 0  # of the S rows, how many are memory: rows kept for their keep score
-    token_shift: bool = True  # a row's key also reads the row before it
+    keep_init: float = 2.0  # the keep score's bias at first (> 0: every row is kept)
+    token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
     n_layer: int = 4  # L: blocks = time steps of evolution per window
@@ -209,6 +220,10 @@ class FoldGPTConfig:
     n_embd: int = 128  # C: channels of every token state
     dropout: float = 0.0  # dropout on attention weights and residual branches
     bias: bool = False  # biases in Linear and LayerNorm (GPT-2 had them; without is faster)
+
+    def __post_init__(self):
+        if self.n_state == 0:  # nothing carried, so no memory either: a plain GPT
+            self.n_mem = 0
 
     def check(self):
         """Raise ValueError, in one line that says what to change, for sizes that cannot work."""
@@ -218,7 +233,7 @@ class FoldGPTConfig:
             raise ValueError(f"n_state must be >= 0, got {self.n_state}")
         if not 0 <= self.n_mem <= self.n_state:
             raise ValueError(f"n_mem must be between 0 and n_state ({self.n_state}), "
-                             f"got {self.n_mem}")
+                             f"got {self.n_mem}: give a larger --n_state or a smaller --n_mem")
         if min(self.vocab_size, self.n_layer, self.n_head, self.n_embd) < 1:
             raise ValueError("vocab_size, n_layer, n_head and n_embd must all be >= 1")
         if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
@@ -238,7 +253,7 @@ class Window:
     gone: list  # per layer: (B, gone, C) recent rows that this window pushes out
     stay: list  # per layer: (B, R-gone, C) recent rows that stay; evolved by the first step
     kv: list  # per layer: (k, v) of the rows so far, each (B, nh, rows, hs), or None
-    last: list  # per layer: (B, 1, C) the lending row just before the window's rows, or None
+    tail: list  # per layer: (B, <=K, C) the last K rows before the next ones (token shift)
     inputs: list  # per layer: (B, n, C), the token states that entered Block l
     size: int  # tokens the window will hold when it is folded
     n: int = 0  # tokens in the window so far
@@ -263,6 +278,9 @@ class FoldGPT(nn.Module):
         self.state0 = nn.Parameter(torch.zeros(config.n_layer, config.n_state, config.n_embd))
         self.apply(self._init_weights)
         nn.init.normal_(self.state0, mean=0.0, std=0.02)
+        for block in self.transformer.h:
+            if config.n_mem:  # at first every row enters the memory: it extends the recent rows
+                nn.init.constant_(block.keep.bias, config.keep_init)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -287,7 +305,7 @@ class FoldGPT(nn.Module):
         layer are [M memory rows ; R = S - M recent rows]."""
         M = self.config.n_mem
         gone = min(size, self.config.n_state - M)  # the oldest recent rows make way
-        window = Window(mem=[], bias=[], gone=[], stay=[], kv=[], last=[], inputs=[], size=size)
+        window = Window(mem=[], bias=[], gone=[], stay=[], kv=[], tail=[], inputs=[], size=size)
         for l, block in enumerate(self.transformer.h):
             rows = state[:, l]  # (B, S, C): the past, at the same time (layer) as Block l
             mem, recent = rows[:, :M], rows[:, M:]
@@ -298,7 +316,7 @@ class FoldGPT(nn.Module):
                 bias = F.logsigmoid(block.keep_score(mem))  # (B, M), <= 0
             past = torch.cat([mem, recent[:, :gone]], dim=1)  # rows that only lend keys/values
             window.kv.append(block.keys_values(past) if past.size(1) else None)
-            window.last.append(past[:, -1:] if past.size(1) else None)
+            window.tail.append(past[:, max(0, past.size(1) - int(self.config.token_shift)):])
             window.mem.append(mem)
             window.bias.append(bias)
             window.gone.append(recent[:, :gone])  # (B, gone, C)
@@ -310,11 +328,12 @@ class FoldGPT(nn.Module):
         """Run the next tokens idx (B, T) of the window; returns their final states (B, T, C)."""
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         for l, block in enumerate(self.transformer.h):
-            # the row before these: the last lending row, or this window's previous token
-            prev = window.last[l] if window.n == 0 else window.inputs[l][:, -1:]
             window.inputs[l] = torch.cat([window.inputs[l], x], dim=1)  # (B, n+T, C)
             m = window.stay[l].size(1) if window.n == 0 else 0  # rows riding with the first
             rows = torch.cat([window.stay[l], x], dim=1) if m else x  # (B, m+T, C)
+            prev = window.tail[l]  # the rows before these, for token shift
+            window.tail[l] = torch.cat([prev, rows], dim=1)[
+                :, max(0, prev.size(1) + rows.size(1) - int(self.config.token_shift)):]
             out, window.kv[l] = block(rows, window.kv[l], window.bias[l], prev)
             if m and not self.config.evolve_gate:
                 window.stay[l] = out[:, :m]  # the carried rows, evolved once more

@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -107,6 +108,28 @@ def passkey_document(rng, max_gap, rounds):
         parts.append(filler(rng, int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))))
         parts.append(f"{KEY_QUESTION}{key}.\n")
     return "".join(parts)
+
+
+def recall_spans(doc):
+    """(start, end) character spans of the recall targets in a passkey document: the digits
+    of each key said again (the repeat and the answer), which only a model that remembers the
+    key can predict. Each round says its key three times: stated, repeated, asked for."""
+    keys = [m.span(1) for m in re.finditer(r"#(\d+)", doc)]
+    return [span for i, span in enumerate(keys) if i % 3]
+
+
+def encode_with_targets(enc, doc):
+    """Token ids of doc and a same-length list of 0/1 marking the recall targets' tokens. The
+    text is encoded piece by piece, cut at the targets' edges (where the tokenizer cuts too,
+    between '#' and a number, and a number and '.'), so the marks sit on whole tokens."""
+    ids, marks, at = [], [], 0
+    for start, end in recall_spans(doc) + [(len(doc), len(doc))]:
+        for piece, mark in ((doc[at:start], 0), (doc[start:end], 1)):
+            new = enc.encode_ordinary(piece)
+            ids += new
+            marks += [mark] * len(new)
+        at = end
+    return ids, marks
 
 
 def passkey_corpus(size, max_gap, seed):
@@ -204,6 +227,19 @@ def write_tokens(pieces, tokenizer, path, workers=1):
     return total
 
 
+def write_marked(docs, enc, path):
+    """Write passkey documents' ids to path and their recall marks (uint8, 1 on a recall
+    target) beside it, as <split>_recall.bin. Returns the number of tokens written."""
+    total = 0
+    with open(path, "wb") as out, open(path.replace(".bin", "_recall.bin"), "wb") as marked:
+        for doc in docs:
+            ids, marks = encode_with_targets(enc, doc)
+            np.array(ids + [enc.eot_token], dtype=np.uint16).tofile(out)
+            np.array(marks + [0], dtype=np.uint8).tofile(marked)
+            total += len(ids) + 1
+    return total
+
+
 def split_off_val(train_path, val_path, val_fraction, chunk=1 << 24):
     """Move the last val_fraction of the tokens in train_path to val_path, a chunk at a time.
     Returns (train tokens, val tokens)."""
@@ -238,27 +274,35 @@ def prepare(cfg):
             fail("--size must be >= 1 and --max_gap >= 4")
         name = "passkeys"
         source = f"built-in passkey corpus, size={cfg.size} max_gap={cfg.max_gap} seed={cfg.seed}"
-        train_pieces = [(doc, True) for doc in passkey_corpus(cfg.size, cfg.max_gap, cfg.seed)]
-        val_pieces = [(doc, True) for doc in passkey_corpus(cfg.size // 10, cfg.max_gap,
-                                                            cfg.seed + 1)]
+        train_pieces = passkey_corpus(cfg.size, cfg.max_gap, cfg.seed)
+        val_pieces = passkey_corpus(cfg.size // 10, cfg.max_gap, cfg.seed + 1)
     else:
         fail(f"unknown dataset {cfg.dataset!r}: use passkeys or shakespeare, or --input=PATH")
     out_dir = cfg.out_dir or os.path.join("data", name)
     os.makedirs(out_dir, exist_ok=True)
     train_path, val_path = os.path.join(out_dir, "train.bin"), os.path.join(out_dir, "val.bin")
-    n_train = write_tokens(train_pieces, cfg.tokenizer, train_path, cfg.workers)
-    if val_pieces is None:
-        n_train, n_val = split_off_val(train_path, val_path, cfg.val_fraction)
+    marked = name == "passkeys" and not cfg.input  # the built-in corpus marks recall targets
+    for stale in ("train_recall.bin", "val_recall.bin"):  # from an earlier run into out_dir
+        if not marked and os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    if marked:
+        n_train = write_marked(train_pieces, enc, train_path)
+        n_val = write_marked(val_pieces, enc, val_path)
     else:
-        n_val = write_tokens(val_pieces, cfg.tokenizer, val_path, cfg.workers)
+        n_train = write_tokens(train_pieces, cfg.tokenizer, train_path, cfg.workers)
+        if val_pieces is None:
+            n_train, n_val = split_off_val(train_path, val_path, cfg.val_fraction)
+        else:
+            n_val = write_tokens(val_pieces, cfg.tokenizer, val_path, cfg.workers)
     meta = dict(tokenizer=cfg.tokenizer, vocab_size=enc.n_vocab, eot_token=enc.eot_token,
-                train_tokens=n_train, val_tokens=n_val, source=source,
+                train_tokens=n_train, val_tokens=n_val, recall_marks=marked, source=source,
                 command=" ".join(["python prepare_data.py"] + sys.argv[1:]))
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     print(f"{source}, tokenizer {cfg.tokenizer} (vocab {enc.n_vocab})")
     print(f"wrote {out_dir}/train.bin ({n_train:,} tokens), val.bin ({n_val:,} tokens), "
-          "meta.json")
+          + ("train_recall.bin, val_recall.bin (the recall targets), " if marked else "")
+          + "meta.json")
     return out_dir
 
 

@@ -21,9 +21,11 @@ We count the optimizer steps until the loss falls below --target.
     python probe.py --n_state=32 --max_steps=2000
 
 Rows: full attention over the whole sequence in one window (the bar to match), FoldGPT as
-configured (for recall also without token shift, with tied embeddings, and with its carried
-rows evolved fully every window instead of by a gate that starts at 0), and the same FoldGPT
-with its state reset at every window (which must stay at chance: if it learns, the probe leaks).
+configured, and for recall also: trained on the loss of every byte (as a language model is,
+the filler too) instead of the digits only; without token shift, or with keys reading one row
+back only; with tied embeddings; with its carried rows evolved fully every window instead of
+by a gate that starts at 0. Last, the same FoldGPT with its state reset at every window
+(which must stay at chance: if it learns, the probe leaks).
 """
 
 import random
@@ -32,6 +34,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from configurator import configure, fail
 from foldgpt import FoldGPT, FoldGPTConfig
@@ -87,8 +90,10 @@ def recall_batch(cfg, gen, pairs=3):
     return seq[:, :-1], y
 
 
-def steps_to_learn(cfg, window, n_state, reset_state=False, **design):
+def steps_to_learn(cfg, window, n_state, reset_state=False, every_byte=False, **design):
     """Optimizer steps until the task's loss < cfg.target, or None within cfg.max_steps.
+    every_byte: train on the language-model loss of every byte (the filler and the first
+    statements too), still counting the steps by the loss on the task's targets alone.
     design: FoldGPTConfig fields to change (token_shift, tie_embeddings, evolve_gate)."""
     torch.manual_seed(cfg.seed)
     model = FoldGPT(FoldGPTConfig(vocab_size=27 if cfg.task == "copy" else 256, window=window,
@@ -102,10 +107,17 @@ def steps_to_learn(cfg, window, n_state, reset_state=False, **design):
             start = model.initial_state(cfg.batch_size)
             loss = sum(model.run_window(x[:, t:t + window], start, y[:, t:t + window])[0]
                        for t in range(0, x.size(1), window)) / (y != -1).sum()
+        elif every_byte:
+            logits, _, _ = model(x)
+            every = torch.cat([x[:, 1:], y[:, -1:]], dim=1)  # the next byte, everywhere
+            every[:, -1] = -1  # (the byte after the last is not in x)
+            every = torch.where(y != -1, y, every)
+            train_loss = F.cross_entropy(logits.flatten(0, 1), every.flatten(), ignore_index=-1)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
         else:
             _, loss, _ = model(x, None, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (train_loss if every_byte else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if loss.item() < cfg.target:
@@ -123,8 +135,13 @@ def main(cfg):
     rows = [(f"full attention, one window of {n}", n, 0, False, {}),
             (fold, cfg.window, cfg.n_state, False, {})]
     if cfg.task == "recall":
+        rows.append((f"{fold}, loss on every byte, not the digits only", cfg.window,
+                     cfg.n_state, False, dict(every_byte=True)))
+    if cfg.task == "recall":
         rows += [(f"{fold}, no token shift", cfg.window, cfg.n_state, False,
-                  dict(token_shift=False)),
+                  dict(token_shift=0)),
+                 (f"{fold}, token shift of 1 row, keys only", cfg.window, cfg.n_state, False,
+                  dict(token_shift=1)),
                  (f"{fold}, tied embeddings", cfg.window, cfg.n_state, False,
                   dict(tie_embeddings=True)),
                  (f"{fold}, carried rows fully evolved", cfg.window, cfg.n_state, False,

@@ -36,6 +36,7 @@ TINY = dict(vocab_size=32, window=4, n_state=8, n_layer=2, n_head=2, n_embd=16)
 
 
 MEMORY = dict(n_state=10, n_mem=6)  # 6 memory rows and 4 recent rows per layer
+SHIFT3 = dict(token_shift=3, **MEMORY)  # keys read 3 rows back, across memory and windows
 
 
 def tiny(**changes):
@@ -67,7 +68,8 @@ def logits_token_by_token(model, idx):
 
 # ---- the invariants ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("config", [dict(), dict(n_state=0), MEMORY], ids=["S8", "S0", "mem"])
+@pytest.mark.parametrize("config", [dict(), dict(n_state=0), MEMORY, SHIFT3],
+                         ids=["S8", "S0", "mem", "shift3"])
 @pytest.mark.parametrize("t", [0, 2, 3, 4, 6, 9, 12, 13])
 def test_causality_within_and_across_windows(config, t):
     model = tiny(**config)
@@ -81,7 +83,7 @@ def test_causality_within_and_across_windows(config, t):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("config", [dict(), MEMORY], ids=["S8", "mem"])
+@pytest.mark.parametrize("config", [dict(), MEMORY, SHIFT3], ids=["S8", "mem", "shift3"])
 def test_streaming_equivalence_one_call_windows_and_tokens(config):
     model = tiny(**config)
     idx = tokens(22)  # 5 full windows and a partial one
@@ -96,7 +98,7 @@ def test_streaming_equivalence_one_call_windows_and_tokens(config):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("config", [dict(), MEMORY], ids=["S8", "mem"])
+@pytest.mark.parametrize("config", [dict(), MEMORY, SHIFT3], ids=["S8", "mem", "shift3"])
 def test_generate_agrees_with_forward(config):
     model = tiny(**config)
     prompt = tokens(6)
@@ -109,7 +111,7 @@ def test_generate_agrees_with_forward(config):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("config", [dict(), MEMORY], ids=["S8", "mem"])
+@pytest.mark.parametrize("config", [dict(), MEMORY, SHIFT3], ids=["S8", "mem", "shift3"])
 def test_generate_goes_on_from_its_state(config):
     model = tiny(**config)
     W = model.config.window
@@ -123,7 +125,7 @@ def test_generate_goes_on_from_its_state(config):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("config", [dict(), MEMORY], ids=["S8", "mem"])
+@pytest.mark.parametrize("config", [dict(), MEMORY, SHIFT3], ids=["S8", "mem", "shift3"])
 def test_written_out_attention_equals_fast_path(config):
     model = tiny(**config)
     idx = tokens(11)
@@ -160,11 +162,24 @@ def test_carried_rows_evolve_by_the_gate_and_stay_as_written_at_0():
 
 
 @torch.no_grad()
+def test_token_shift_gives_each_row_the_k_rows_before_it():
+    block = tiny(token_shift=3).transformer.h[0]
+    x, prev = torch.randn(2, 5, 16), torch.randn(2, 2, 16)  # only 2 rows came before
+    h, before = block.norm(x, prev)
+    rows = block.ln_1(torch.cat([torch.zeros(2, 1, 16), prev, x], dim=1))  # (2, 8, 16)
+    rows[:, 0] = 0  # nothing there: a zero row, not ln_1 of one
+    assert torch.equal(h, rows[:, 3:]) and before.shape == (2, 5, 3 * 16)
+    for t in range(5):
+        assert torch.allclose(before[:, t], torch.cat([rows[:, t + 2], rows[:, t + 1],
+                                                       rows[:, t]], dim=-1))  # nearest first
+
+
 def test_no_state_gives_independent_windows():
     idx = tokens(12)
     other_past = idx.clone()
     other_past[:, :8] = tokens(8, seed=2)
-    plain = tiny(n_state=0)
+    plain = tiny(n_state=0, n_mem=4)  # nothing carried: no memory either
+    assert plain.config.n_mem == 0 and not hasattr(plain.transformer.h[0], "keep")
     whole, _, _ = plain(idx)
     alone, _, _ = plain(idx[:, 8:])
     assert torch.allclose(whole[:, 8:], alone, atol=1e-6)
@@ -228,6 +243,35 @@ def test_keep_score_learns_from_how_strongly_the_memory_is_read():
         assert block.keep.weight.grad.abs().sum() > 0 and block.evolve.grad != 0
 
 
+@torch.no_grad()
+def test_keep_scores_weigh_how_strongly_the_memory_rows_are_read():
+    model = tiny(token_shift=0, **MEMORY)  # no token shift: memory rows reach tokens by reading
+    idx, state = tokens(4), torch.randn(2, 2, 10, 16)
+    other = state.clone()
+    other[:, :, :6] = torch.randn(2, 2, 6, 16)  # other memory rows, the same recent rows
+    for keep_bias, same in [(-60.0, True), (60.0, False)]:
+        for block in model.transformer.h:
+            block.keep.bias.fill_(keep_bias)
+        a, b = (model(idx, s)[0] for s in (state, other))
+        assert torch.allclose(a, b, atol=1e-5) == same  # -60: the memory is not read at all
+
+
+def test_mem_cost_lowers_the_keep_scores_of_the_carried_rows():
+    x, y = tokens(16, batch=4), tokens(16, batch=4, seed=2)
+    kept = []
+    for mem_cost in (0.0, 10.0):
+        model = tiny(**MEMORY).train()
+        cfg = train.TrainConfig(mem_cost=mem_cost, learning_rate=0.1)
+        optimizer = train.make_optimizer(model, cfg, "cpu")
+        state = None
+        for _ in range(10):
+            _, state = train.train_step(model, optimizer, x, y, state, cfg)
+        with torch.no_grad():
+            kept.append(sum(torch.sigmoid(block.keep_score(state[:, l])).mean()
+                            for l, block in enumerate(model.transformer.h)).item())
+    assert kept[1] < kept[0] - 0.2, kept
+
+
 # ---- data ----------------------------------------------------------------------------------
 
 def read_bins(folder):
@@ -280,6 +324,38 @@ def test_passkey_corpus_asks_for_keys_stated_earlier_at_many_distances():
     assert "" in between and len(between) > 5  # the repeat comes at many distances too
     assert min(distances) < 32 and max(distances) > 32 * 32  # windows of 32 bytes
     assert sorted(distances)[len(distances) // 2] < 32 * 4  # half of them within 4 windows
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
+def test_recall_marks_sit_on_the_keys_said_again(tmp_path, monkeypatch, tokenizer):
+    if tokenizer == "gpt2":
+        if not os.path.isdir(SHARED_CACHE):
+            pytest.skip("no tiktoken cache beside the repo")
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.abspath(SHARED_CACHE))
+    out = prepare_data.prepare(prepare_data.PrepareConfig(size=20_000, out_dir=str(tmp_path),
+                                                          tokenizer=tokenizer))
+    enc = prepare_data.get_tokenizer(tokenizer)
+    ids = np.fromfile(os.path.join(out, "val.bin"), dtype=np.uint16)
+    marks = np.fromfile(os.path.join(out, "val_recall.bin"), dtype=np.uint8)
+    docs = prepare_data.passkey_corpus(2_000, 1024, 1337 + 1)
+    assert len(marks) == len(ids) and ids.tolist() == [
+        t for doc in docs for t in enc.encode_ordinary(doc) + [enc.eot_token]]
+    edges = np.flatnonzero(np.diff(np.r_[0, marks, 0]))  # where each marked run starts, ends
+    said = [enc.decode(ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
+    keys = [k for doc in docs for k in re.findall(r"The pass key is #(\d+)\. Remember", doc)]
+    assert len(keys) >= 2 and said == [k for k in keys for _ in range(2)]  # exactly the key's digits, no more
+
+
+def test_recall_warmup_counts_only_the_marked_targets(tmp_path):
+    out = prepare_data.prepare(prepare_data.PrepareConfig(size=20_000, out_dir=str(tmp_path)))
+    loader = train.StreamLoader(os.path.join(out, "train.bin"), n_streams=2, span=64)
+    x, y, _ = loader.next(recall_only=True)
+    loader.pos = 0
+    _, y_all, _ = loader.next()
+    kept = y != -1
+    assert kept.any() and torch.equal(y[kept], y_all[kept])
+    assert ((y[kept] >= ord("0")) & (y[kept] <= ord("9"))).all()  # only digits count
+    assert (y_all[~kept] != -1).all()  # and everything else counts after the warmup
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])

@@ -1,7 +1,7 @@
 """
 Train FoldGPT window by window, carrying the state along each of B contiguous streams.
 
-    python prepare_data.py && python train.py          # the CPU quick start, about 9 minutes
+    python prepare_data.py && python train.py          # the CPU quick start, about 10 minutes
     python train.py --max_iters=200 --n_state=0        # the plain windowed GPT, same recipe
     python train.py config/my_run.py --device=cuda     # `key = value` lines, then flags
     torchrun --standalone --nproc_per_node=8 train.py config/paper_24gb.py   # DDP, 8 GPUs
@@ -38,8 +38,10 @@ class TrainConfig:
     window: int = 32  # W: new tokens per window
     n_state: int = 64  # S: carried rows per layer (0: a plain GPT with a W-token context)
     n_mem: int = 0  # of the S rows, memory rows kept for their learned keep score
-    mem_cost: float = 0.0  # a push down on every keep score, so that only rows worth it stay
-    token_shift: bool = True  # a row's key also reads the row before it
+    mem_cost: float = 0.1  # a cost on the carried rows' keep probability (sigmoid of the
+    #                        keep score), so that only the rows whose reading pays it stay
+    keep_init: float = 2.0  # the keep score's bias at first (> 0: every row is kept)
+    token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
     n_layer: int = 4  # L: blocks
@@ -57,6 +59,8 @@ class TrainConfig:
     learning_rate: float = 2e-3  # peak learning rate
     min_lr: float = 2e-4  # learning rate at the end of the cosine
     warmup_iters: int = 100  # linear warmup steps
+    recall_warmup: int = 300  # first steps whose loss counts only the recall targets, where
+    #                           the data marks them (the built-in corpus does): see README
     weight_decay: float = 0.1  # on matrices and embeddings only, decoupled (AdamW)
     beta1: float = 0.9
     beta2: float = 0.99
@@ -86,21 +90,33 @@ class StreamLoader:
             fail(f"{path} has {len(data):,} tokens, too few for {n_streams} streams of one step "
                  f"({span + 1} tokens each): make more data or lower batch_size/bptt/window")
         self.streams = data[:n_streams * self.stream_len].reshape(n_streams, -1)[rows]
+        self.marks = None  # the built-in corpus marks its recall targets (prepare_data.py)
+        marks_path = path.replace(".bin", "_recall.bin")
+        if os.path.exists(marks_path):
+            marks = np.memmap(marks_path, dtype=np.uint8, mode="r")
+            if len(marks) != len(data):
+                fail(f"{marks_path} does not match {path}: remake the data with prepare_data.py")
+            self.marks = marks[:n_streams * self.stream_len].reshape(n_streams, -1)[rows]
         self.span = span  # tokens per stream per step: bptt * W
         self.pos = 0  # where each stream reads next
 
     def steps_per_pass(self):
         return (self.stream_len - 1) // self.span
 
-    def next(self):
-        """x, y (streams, span) int64, and whether the streams just started over from the top."""
+    def next(self, recall_only=False):
+        """x, y (streams, span) int64, and whether the streams just started over from the top.
+        recall_only: y is -1 (no loss) but on the tokens marked as recall targets."""
         fresh = self.pos == 0 or self.pos + self.span + 1 > self.stream_len
         if self.pos + self.span + 1 > self.stream_len:
             self.pos = 0
         chunk = self.streams[:, self.pos:self.pos + self.span + 1].astype(np.int64)
         chunk = torch.from_numpy(chunk)  # (streams, span + 1)
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        if recall_only:
+            marks = self.marks[:, self.pos + 1:self.pos + self.span + 1]
+            y = y.masked_fill(torch.from_numpy(marks == 0), -1)
         self.pos += self.span
-        return chunk[:, :-1], chunk[:, 1:], fresh
+        return x, y, fresh
 
 
 def model_config(cfg, vocab_size):
@@ -143,9 +159,11 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
                 _, loss, after = model(x[rows], None if state is None else state[rows], y[rows],
                                        grad_ckpt=cfg.grad_ckpt)
             total = loss / A
-            if cfg.mem_cost and raw.config.n_mem:  # lowers all keep scores alike
-                push = sum(block.keep.bias.sum() for block in raw.transformer.h)
-                total = total + cfg.mem_cost / A * push
+            if cfg.mem_cost and raw.config.n_mem:  # a cost on keeping: see mem_cost
+                carried = raw.initial_state(B) if state is None else state[rows]
+                kept = sum(torch.sigmoid(block.keep_score(carried[:, l].detach())).mean()
+                           for l, block in enumerate(raw.transformer.h))
+                total = total + cfg.mem_cost / A * kept
             (total if scaler is None else scaler.scale(total)).backward()
         losses.append(loss.detach())
         states.append(after.detach())
@@ -292,9 +310,9 @@ def step_costs(cfg, vocab_size, n_params, dtype="float32"):
     acts = B * cfg.bptt * per_window
     acts_ckpt = B * (cfg.bptt * state + 1.5 * per_window)
     # FLOPs: 2 per multiply-add forward, 4 more backward; every row through a block costs
-    # its weights (12 C^2 per layer, 13 with token shift), every (row, key) pair 4 C in
-    # attention.
-    keys, shift = S + W, int(cfg.token_shift)
+    # its weights (12 C^2 per layer, and token shift's K C^2 into the key and K-1 into the
+    # query), every (row, key) pair 4 C in attention.
+    keys, shift = S + W, max(0, 2 * int(cfg.token_shift) - 1)
     flops_window = 2 * (L * ((12 + shift) * C * C * rows + 2 * C * (W + R - gone) * keys
                              + 2 * C * M * M)
                         + (3 + shift) * lend * L * C * C + W * C * vocab_size)
@@ -402,6 +420,10 @@ def train(cfg):
     train_data = StreamLoader(os.path.join(cfg.data_dir, "train.bin"), n_streams, span,
                               rows=slice(rank * mine, (rank + 1) * mine))
     val_data = StreamLoader(os.path.join(cfg.data_dir, "val.bin"), cfg.batch_size, span)
+    recall_warmup = cfg.recall_warmup if train_data.marks is not None else 0
+    if cfg.recall_warmup and not recall_warmup:
+        say(f"note: {cfg.data_dir} marks no recall targets, so no recall_warmup: the loss "
+            "counts every token from the first step")
     if cfg.init_from not in ("scratch", "resume"):
         fail(f"init_from must be scratch or resume, got {cfg.init_from!r}")
     model_args = model_config(cfg, meta["vocab_size"])
@@ -505,6 +527,9 @@ def train(cfg):
         f"{n_streams} streams x {cfg.bptt} windows = {n_streams * span:,} tokens per step; "
         f"{meta['train_tokens']:,} train tokens")
     say(describe_memory(costs, cfg.grad_ckpt))
+    if it < recall_warmup:
+        say(f"iters {it}-{recall_warmup}: the loss counts only the recall targets (recall_warmup); "
+            "then every token")
     if cfg.dry_run:
         if ddp:
             dist.destroy_process_group()
@@ -533,7 +558,7 @@ def train(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # ---- one step: bptt windows per stream, the state carried through all of them ----
-            x, y, fresh = train_data.next()
+            x, y, fresh = train_data.next(recall_only=it < recall_warmup)
             if fresh:
                 state = None  # the streams start over from the top: so does the state
             loss, state = train_step(trainer, optimizer, x.to(device), y.to(device), state, cfg,

@@ -16,6 +16,7 @@ out_dir = "out-paper"
 window = 12
 n_state = 48
 n_mem = 24
+token_shift = 1  # keys read one row back (2, the small default, adds 14.2M parameters here)
 n_layer = 12
 n_head = 12
 n_embd = 768
