@@ -391,7 +391,8 @@ def test_prepare_streams_pieces_and_workers_give_the_same_tokens(tmp_path, monke
 
 TINY_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--window=8", "--n_state=16",
             "--batch_size=4", "--bptt=2", "--eval_iters=2", "--log_interval=10",
-            "--warmup_iters=10", "--learning_rate=3e-3"]
+            "--warmup_iters=10", "--learning_rate=3e-3",
+            "--recall_warmup=40"]  # on the built-in corpus: 40 steps on the recall targets
 
 
 @pytest.fixture(scope="module")
