@@ -38,7 +38,7 @@ class TrainConfig:
     window: int = 32  # W: new tokens per window
     n_state: int = 64  # S: carried rows per layer (0: a plain GPT with a W-token context)
     n_mem: int = 0  # of the S rows, memory rows kept for their learned keep score
-    mem_cost: float = 0.1  # a cost on the carried rows' keep probability (sigmoid of the
+    mem_cost: float = 0.01  # a cost on the carried rows' keep probability (sigmoid of the
     #                        keep score), so that only the rows whose reading pays it stay
     keep_init: float = 2.0  # the keep score's bias at first (> 0: every row is kept)
     token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
