@@ -59,6 +59,11 @@ def rotate(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def last_rows(x, k):
+    """The last k rows of x (B, T, C), or all T of them if there are fewer (k = 0: none)."""
+    return x[:, max(0, x.size(1) - k):]
+
+
 class CausalSelfAttention(nn.Module):
     """The sum over paths: each new row gathers the values of the rows it may read."""
 
@@ -67,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        K, C = int(config.token_shift), config.n_embd
+        K, C = config.token_shift, config.n_embd
         if K:
             # Token shift: a row's key also says which K tokens came before it, and its query
             # which K-1 came before it. So one layer can find "the token that followed the
@@ -176,7 +181,7 @@ class Block(nn.Module):
             # The memory's keep score per row, which decides what enters the memory and biases
             # how strongly it is read (see FoldGPT.fold).
             self.keep = nn.Linear(config.n_embd, 1, bias=True)
-        self.token_shift = int(config.token_shift)
+        self.token_shift = config.token_shift
 
     def keep_score(self, x):
         """(B, T) keep scores of rows x (B, T, C): a row enters the memory when its score > 0."""
@@ -222,6 +227,7 @@ class FoldGPTConfig:
     bias: bool = False  # biases in Linear and LayerNorm (GPT-2 had them; without is faster)
 
     def __post_init__(self):
+        self.token_shift = int(self.token_shift)  # checkpoints before it was a count said True
         if self.n_state == 0:  # nothing carried, so no memory either: a plain GPT
             self.n_mem = 0
 
@@ -316,7 +322,7 @@ class FoldGPT(nn.Module):
                 bias = F.logsigmoid(block.keep_score(mem))  # (B, M), <= 0
             past = torch.cat([mem, recent[:, :gone]], dim=1)  # rows that only lend keys/values
             window.kv.append(block.keys_values(past) if past.size(1) else None)
-            window.tail.append(past[:, max(0, past.size(1) - int(self.config.token_shift)):])
+            window.tail.append(last_rows(past, self.config.token_shift))
             window.mem.append(mem)
             window.bias.append(bias)
             window.gone.append(recent[:, :gone])  # (B, gone, C)
@@ -332,8 +338,7 @@ class FoldGPT(nn.Module):
             m = window.stay[l].size(1) if window.n == 0 else 0  # rows riding with the first
             rows = torch.cat([window.stay[l], x], dim=1) if m else x  # (B, m+T, C)
             prev = window.tail[l]  # the rows before these, for token shift
-            window.tail[l] = torch.cat([prev, rows], dim=1)[
-                :, max(0, prev.size(1) + rows.size(1) - int(self.config.token_shift)):]
+            window.tail[l] = last_rows(torch.cat([prev, rows], dim=1), self.config.token_shift)
             out, window.kv[l] = block(rows, window.kv[l], window.bias[l], prev)
             if m and not self.config.evolve_gate:
                 window.stay[l] = out[:, :m]  # the carried rows, evolved once more

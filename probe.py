@@ -135,10 +135,9 @@ def main(cfg):
     rows = [(f"full attention, one window of {n}", n, 0, False, {}),
             (fold, cfg.window, cfg.n_state, False, {})]
     if cfg.task == "recall":
-        rows.append((f"{fold}, loss on every byte, not the digits only", cfg.window,
-                     cfg.n_state, False, dict(every_byte=True)))
-    if cfg.task == "recall":
-        rows += [(f"{fold}, no token shift", cfg.window, cfg.n_state, False,
+        rows += [(f"{fold}, loss on every byte, not the digits only", cfg.window, cfg.n_state,
+                  False, dict(every_byte=True)),
+                 (f"{fold}, no token shift", cfg.window, cfg.n_state, False,
                   dict(token_shift=0)),
                  (f"{fold}, token shift of 1 row, keys only", cfg.window, cfg.n_state, False,
                   dict(token_shift=1)),
