@@ -38,7 +38,8 @@ from train import pick_device
 class BenchConfig:
     quick: bool = False  # a smaller run: at most 3 minutes on 2 CPU cores
     window: int = 32  # the model of every contender (defaults: the quick-start model)
-    n_state: int = 64
+    n_state: int = 64  # the figures in the README: the model before the memory was the default
+    n_mem: int = 0  # of the S rows, memory rows
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -56,7 +57,7 @@ class BenchConfig:
 def model_for(cfg, contender, context=0):
     """FoldGPT, or a plain GPT (n_state = 0) whose window is the crop block or the context."""
     args = dict(vocab_size=cfg.vocab_size, window=cfg.window, n_state=cfg.n_state,
-                n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+                n_mem=cfg.n_mem, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     if contender == "crop":
         args.update(window=cfg.n_state + cfg.window, n_state=0)
     elif contender in ("kv cache", "plain"):
@@ -202,7 +203,7 @@ def child(cfg):
 def measure(cfg, **child_args):
     """Run one measurement in a fresh process, so its peak memory is its own."""
     model = {k: v for k, v in asdict(cfg).items() if k in (
-        "window", "n_state", "n_layer", "n_head", "n_embd", "vocab_size", "device")}
+        "window", "n_state", "n_mem", "n_layer", "n_head", "n_embd", "vocab_size", "device")}
     args = [f"--{k}={v}" for k, v in {**model, **child_args}.items()]
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     if out.returncode != 0:
@@ -216,8 +217,8 @@ def main(cfg):
     repeats = 7 if quick else 25
     rows, verdicts = [], []
     n_params = model_for(cfg, "FoldGPT").num_params()
-    print(f"model: W={cfg.window} S={cfg.n_state} L={cfg.n_layer} C={cfg.n_embd}, "
-          f"{n_params:,} parameters, device {pick_device(cfg.device)}; "
+    print(f"model: W={cfg.window} S={cfg.n_state} (memory {cfg.n_mem}) L={cfg.n_layer} "
+          f"C={cfg.n_embd}, {n_params:,} parameters, device {pick_device(cfg.device)}; "
           f"{'quick' if quick else 'full'} run\n")
 
     print(f"sampling, batch 1: mean ms per token over {2 * cfg.window} tokens at each position, "

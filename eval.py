@@ -17,7 +17,9 @@ runs from 0 to 4 windows, so the key falls at every offset inside a window. The 
   FoldGPT    the checkpoint in --out_dir, carrying its state
   state off  the same checkpoint with its state reset to the initial state at every window
   n_state=0  the checkpoint in --baseline_dir, if given: a plain GPT with a W-token context
-Writes a table to stdout, eval.csv, and eval.png when matplotlib is installed.
+Writes a table to stdout, eval.csv, and eval.png when matplotlib is installed. For a model
+with a memory (n_mem > 0) it first says which tokens of the prompts the first layer lets into
+its memory: what a key has to outlast there is the filler that enters after it.
 """
 
 import csv
@@ -86,6 +88,22 @@ def score(text, key):
     return int(answer(text) == key)
 
 
+@torch.no_grad()
+def first_layer_keeps(model, enc):
+    """Which tokens of the test prompts (two of them, so that all ten digits are in) the first
+    layer's memory lets in, in order of first appearance; and which of the filler's tokens. The
+    rows entering the first block are the token embeddings, so there whether a row enters (keep
+    score > 0, see FoldGPT.admit) depends on its token alone."""
+    filler = enc.encode_ordinary("".join(FILLER))
+    gap = len(filler)  # every filler sentence once
+    ids = list(dict.fromkeys(make_prompt(enc, 12345, 0, gap) + make_prompt(enc, 67890, 0, gap)))
+    block, wte = model.transformer.h[0], model.transformer.wte.weight
+    kept = [i for i, s in zip(ids, block.keep_score(wte[ids][None])[0].tolist()) if s > 0]
+    filler = set(filler)
+    return ([enc.decode([i]) for i in kept], len(ids),
+            [enc.decode([i]) for i in kept if i in filler], len(filler))
+
+
 def state_off(model):
     """The same model with its state reset at every window: each window starts from the
     learned initial state, so nothing passes from one window to the next."""
@@ -152,6 +170,11 @@ def main(cfg):
     print(f"pass-key retrieval, {cfg.trials} trials per cell, greedy; the Landmark/Infini-"
           f"attention prompt in the built-in corpus's words (keys marked '#'); {cfg.out_dir}: "
           f"W={W} S={c.n_state} (memory {c.n_mem}) L={c.n_layer}")
+    if c.n_mem:
+        kept, n, kept_filler, n_filler = first_layer_keeps(model, enc)
+        print(f"the first layer's memory lets in {len(kept)} of the prompts' {n} tokens: "
+              f"{' '.join(repr(t) for t in kept) or 'none'}; of the filler's {n_filler}: "
+              f"{' '.join(repr(t) for t in kept_filler) or 'none'}")
     rng, table, t0 = random.Random(cfg.seed), {}, time.time()
     for w in windows:
         keys, ids = make_batch(enc, cfg.trials, w * W, W, rng)

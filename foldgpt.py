@@ -36,11 +36,14 @@ learnable in under a hundred steps (python probe.py --task=recall --digits=5): t
 shift (each key also reads the two rows before it and each query the row before it, see
 CausalSelfAttention), and untied input and output embeddings. Each is a switch in the config.
 
-An experiment, off by default (n_mem = 0): n_mem of the S rows per layer can be a memory that
-outlives the S - n_mem recent rows. A row pushed out of the recent part enters the memory if a
-learned keep score says so, and stays until n_mem newer rows have entered (see remember). At
-first every row enters (keep_init > 0): the memory is more recent rows; train.py's mem_cost
-then teaches the score to let in only the rows that are read from there.
+The memory: n_mem of the S rows per layer outlive the S - n_mem recent rows. A row pushed out
+of the recent part enters the memory when a learned keep score says so (see admit), and stays
+until n_mem newer rows have entered, however many windows that takes (see remember). Windows
+read the memory rows one step evolved by the same gate, with the logsigmoid of their keep
+score added to their attention logits: that is how the score learns what is worth keeping,
+and train.py's mem_cost makes keeping cost a little. On the built-in corpus the first layer
+learns to keep the '#' and the digits of each pass key and none of the filler, so the key is
+there to be read hundreds of windows later (README, Retention). n_mem = 0: recent rows only.
 """
 
 import math
@@ -214,8 +217,8 @@ class Block(nn.Module):
 class FoldGPTConfig:
     vocab_size: int = 257  # 256 bytes + <|endoftext|>: prepare_data.py's default tokenizer
     window: int = 32  # W: new tokens per window (the paper used 12)
-    n_state: int = 64  # S: carried rows per layer; 0 makes a plain GPT with a W-token context
-    n_mem: int = 0  # of the S rows, how many are memory: rows kept for their keep score
+    n_state: int = 96  # S: carried rows per layer; 0 makes a plain GPT with a W-token context
+    n_mem: int = 32  # of the S rows, how many are memory: rows kept for their keep score
     keep_init: float = 2.0  # the keep score's bias at first (> 0: every row is kept)
     token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
@@ -254,7 +257,7 @@ class Window:
     """A window under way. It opens knowing how many tokens it will hold (size), so the carried
     rows that the fold will push out only lend their keys and values, while the rows that stay
     ride through each block with the window's first tokens, which evolves them once more."""
-    mem: list  # per layer: (B, M, C) memory rows, evolved at the window's opening
+    mem: list  # per layer: (B, M, C) memory rows as they entered (kept so, not evolved)
     bias: list  # per layer: (B, M) how strongly the memory rows are read, or None
     gone: list  # per layer: (B, gone, C) recent rows that this window pushes out
     stay: list  # per layer: (B, R-gone, C) recent rows that stay; evolved by the first step
@@ -316,11 +319,15 @@ class FoldGPT(nn.Module):
             rows = state[:, l]  # (B, S, C): the past, at the same time (layer) as Block l
             mem, recent = rows[:, :M], rows[:, M:]
             bias = None
-            if M:  # evolve the memory rows, each reading the older ones, by a learned share
+            read = mem  # the memory rows as this window reads them
+            if M:  # one step evolved, each reading the older ones, by the gate's share; from
+                # the rows as they entered, so that a row held for 1,000 windows reads as it did
+                # after one (evolved again and again, even by a share of 0.001, a pass key
+                # drifted away within 64 windows)
                 evolved, _ = block(mem)  # (B, M, C)
-                mem = mem + block.evolve * (evolved - mem)
-                bias = F.logsigmoid(block.keep_score(mem))  # (B, M), <= 0
-            past = torch.cat([mem, recent[:, :gone]], dim=1)  # rows that only lend keys/values
+                read = mem + block.evolve * (evolved - mem)
+                bias = F.logsigmoid(block.keep_score(read))  # (B, M), <= 0
+            past = torch.cat([read, recent[:, :gone]], dim=1)  # rows that only lend keys/values
             window.kv.append(block.keys_values(past) if past.size(1) else None)
             window.tail.append(last_rows(past, self.config.token_shift))
             window.mem.append(mem)
@@ -351,7 +358,7 @@ class FoldGPT(nn.Module):
     def fold(self, window):
         """The next state. Per layer, the recent rows become the last R rows of [pushed-out
         rows ; evolved recent rows ; tokens at layer l]; the rows this pushes out of the recent
-        part enter the memory if their keep score is > 0 (see remember)."""
+        part enter the memory if admit lets them (see remember)."""
         if window.n != window.size:
             raise ValueError(f"a window opened for {window.size} tokens holds {window.n}")
         R = self.config.n_state - self.config.n_mem
@@ -359,19 +366,28 @@ class FoldGPT(nn.Module):
         for l, block in enumerate(self.transformer.h):
             rows = torch.cat([window.gone[l], window.stay[l], window.inputs[l]], dim=1)
             recent, pushed = rows[:, rows.size(1) - R:], rows[:, :rows.size(1) - R]
-            mem = (self.remember(block, window.mem[l], pushed) if self.config.n_mem
-                   else recent[:, :0])  # (B, M, C)
+            mem = (self.remember(window.mem[l], pushed, self.admit(block, pushed))
+                   if self.config.n_mem else recent[:, :0])  # (B, M, C)
             state.append(torch.cat([mem, recent], dim=1))  # (B, S, C)
         return torch.stack(state, dim=1)  # (B, L, S, C)
 
+    def admit(self, block, rows):
+        """(B, G): which rows (B, G, C) pushed out of the recent part enter the memory. Those
+        whose keep score is > 0; in training, each with probability sigmoid(score) instead, so
+        that a row scored out still enters now and then, is read, and its score can learn back
+        up (a hard threshold alone shuts a useful row out for good once its score dips < 0)."""
+        score = block.keep_score(rows)
+        if self.training:
+            return torch.rand_like(score) < torch.sigmoid(score)
+        return score > 0
+
     @staticmethod
-    def remember(block, mem, pushed):
-        """The memory after a window: the newest M rows of [memory ; pushed-out rows whose keep
-        score is > 0], in their order. A row stays until M newer rows have been kept after it,
+    def remember(mem, pushed, keep):
+        """The memory after a window: the newest M rows of [memory ; pushed-out rows that keep
+        (B, G) admits], in their order. A row stays until M newer rows have been kept after it,
         however many windows that takes: what the keep score lets through sets the reach."""
         B, M, C = mem.size()
-        keep = torch.cat([torch.ones_like(mem[..., 0], dtype=torch.bool),
-                          block.keep_score(pushed) > 0], dim=1)  # (B, M+G)
+        keep = torch.cat([torch.ones_like(mem[..., 0], dtype=torch.bool), keep], dim=1)
         newer = keep.flip(1).cumsum(1).flip(1)  # kept rows at or after each row, (B, M+G)
         slot = torch.where(keep & (newer <= M), M - newer, M)  # slot M is the waste bin
         rows = torch.cat([mem, pushed], dim=1)  # (B, M+G, C)

@@ -94,11 +94,13 @@ def steps_to_learn(cfg, window, n_state, reset_state=False, every_byte=False, **
     """Optimizer steps until the task's loss < cfg.target, or None within cfg.max_steps.
     every_byte: train on the language-model loss of every byte (the filler and the first
     statements too), still counting the steps by the loss on the task's targets alone.
-    design: FoldGPTConfig fields to change (token_shift, tie_embeddings, evolve_gate)."""
+    design: FoldGPTConfig fields to change (token_shift, tie_embeddings, evolve_gate). The
+    carried rows are recent rows only (n_mem = 0): the probe asks whether a look-back through
+    the state is learnable at all, over distances the recent rows reach."""
     torch.manual_seed(cfg.seed)
     model = FoldGPT(FoldGPTConfig(vocab_size=27 if cfg.task == "copy" else 256, window=window,
                                   n_state=n_state, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                                  n_embd=cfg.n_embd, **design))
+                                  n_embd=cfg.n_embd, **{"n_mem": 0, **design}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed)
     for step in range(cfg.max_steps):

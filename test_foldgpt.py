@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # tiktoken's cache of the gpt2 BPE: where TIKTOKEN_CACHE_DIR points, else the project's shared/.
 SHARED_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(HERE, "..", "shared",
                                                                     "tiktoken_cache")
-TINY = dict(vocab_size=32, window=4, n_state=8, n_layer=2, n_head=2, n_embd=16)
+TINY = dict(vocab_size=32, window=4, n_state=8, n_mem=0, n_layer=2, n_head=2, n_embd=16)
 
 
 MEMORY = dict(n_state=10, n_mem=6)  # 6 memory rows and 4 recent rows per layer
@@ -225,14 +225,23 @@ def test_state_carried_through_2000_windows_stays_finite(config):
 
 
 def test_memory_keeps_the_newest_rows_whose_keep_score_is_positive():
-    class Scored:  # a block whose keep score is given: rows 5 and 7 are kept, 4 and 6 not
-        def keep_score(self, rows):
-            return torch.tensor([[-1.0, 2.0, -0.5, 0.1]])
-
     mem = torch.arange(1.0, 4.0).view(1, 3, 1)  # rows 1, 2, 3, oldest first
     pushed = torch.arange(4.0, 8.0).view(1, 4, 1)  # rows 4 .. 7 leave the recent part
-    kept = FoldGPT.remember(Scored(), mem, pushed)
+    admitted = torch.tensor([[False, True, False, True]])  # rows 5 and 7 enter, 4 and 6 not
+    kept = FoldGPT.remember(mem, pushed, admitted)
     assert kept.view(-1).tolist() == [3.0, 5.0, 7.0]  # the newest 3 of 1, 2, 3, 5, 7, in order
+
+
+@torch.no_grad()
+def test_rows_scored_out_still_enter_the_memory_now_and_then_in_training():
+    model = tiny(**MEMORY)
+    block, rows = model.transformer.h[0], torch.randn(4, 1000, 16)
+    block.keep.weight.zero_()
+    block.keep.bias.fill_(-1.0)  # every row scores -1: sigmoid(-1) = 0.27
+    assert not model.eval().admit(block, rows).any()  # sampling and eval: score > 0 only
+    torch.manual_seed(0)
+    share = model.train().admit(block, rows).float().mean().item()
+    assert 0.25 < share < 0.29, share  # training: each row with probability sigmoid(score)
 
 
 def test_keep_score_learns_from_how_strongly_the_memory_is_read():
@@ -390,7 +399,7 @@ def test_prepare_streams_pieces_and_workers_give_the_same_tokens(tmp_path, monke
 # ---- the scripts ---------------------------------------------------------------------------
 
 TINY_RUN = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--window=8", "--n_state=16",
-            "--batch_size=4", "--bptt=2", "--eval_iters=2", "--log_interval=10",
+            "--n_mem=8", "--batch_size=4", "--bptt=2", "--eval_iters=2", "--log_interval=10",
             "--warmup_iters=10", "--learning_rate=3e-3",
             "--recall_warmup=40"]  # on the built-in corpus: 40 steps on the recall targets
 
@@ -414,7 +423,9 @@ def run(script, *args):
 
 def test_training_loss_falls_and_the_checkpoint_loads(trained):
     _, out, log = trained
-    assert log[-1][1] < log[0][1] - 1.0, log
+    every_token = [loss for _, loss, recall in log if not recall]  # recall steps: other targets
+    assert len(every_token) == 4 and every_token[-1] < every_token[0] - 0.5, log
+    assert [it for it, _, recall in log if recall] == [10, 20, 30, 40]  # then steps 49, 59, ...: odd
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["iter_num"] == 80 and ckpt["meta"]["tokenizer"] == "byte"
     assert ckpt["train_state"].shape == (4, 2, 16, 32)
@@ -765,6 +776,25 @@ def test_eval_scores_the_exact_key_only():
 
 
 @torch.no_grad()
+def test_eval_names_the_tokens_the_first_layer_lets_into_its_memory():
+    import eval as passkey
+    enc = prepare_data.get_tokenizer("byte")
+    model = tiny(**MEMORY, vocab_size=257)
+    block, wte = model.transformer.h[0], model.transformer.wte.weight
+    pattern = torch.tensor([1.0, -1.0]).repeat(8)  # mean 0, std 1: unchanged by ln_1
+    wte.zero_()
+    wte[ord("#")], wte[ord("e")] = pattern, -pattern
+    block.keep.weight.copy_(pattern[None])
+    block.keep.bias.fill_(-0.5)  # '#' scores 16 - 0.5, 'e' -16.5, every other token -0.5
+    kept, n, kept_filler, n_filler = passkey.first_layer_keeps(model, enc)
+    assert kept == ["#"] and kept_filler == [] and n_filler == len(set("".join(
+        prepare_data.FILLER))) and n > n_filler
+    block.keep.bias.fill_(0.5)  # now every token but 'e'
+    kept, n, kept_filler, n_filler = passkey.first_layer_keeps(model, enc)
+    assert len(kept) == n - 1 and "e" not in kept and len(kept_filler) == n_filler - 1
+
+
+@torch.no_grad()
 def test_state_off_makes_every_window_start_from_the_initial_state():
     import eval as passkey
     idx = tokens(16)
@@ -785,6 +815,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     models = []
     for cfg in (cfg_one, cfg_acc):
         model = tiny(**MEMORY).train()
+        for block in model.transformer.h:  # in training a row enters the memory with
+            block.keep.bias.data.fill_(40.0)  # probability sigmoid(score): here 1, so no draws
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # Adam would magnify rounding
         state = None
         for _ in range(3):
@@ -796,13 +828,15 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def logged_losses(printed):
-    return [float(m.group(1)) for m in re.finditer(r"^iter +\d+ \| loss ([\d.]+)", printed, re.M)]
+    return [float(m.group(1)) for m in re.finditer(r"^iter +\d+ \| (?:recall )?loss ([\d.]+)",
+                                                   printed, re.M)]
 
 
 def test_torchrun_two_processes_match_one_process_accumulating(trained, tmp_path):
     data, _, _ = trained
     args = [*TINY_RUN, f"--data_dir={data}", "--batch_size=2", "--max_iters=8",
-            "--eval_interval=8", "--log_interval=2", "--device=cpu", "--n_mem=8"]
+            "--eval_interval=8", "--log_interval=2", "--device=cpu", "--n_mem=8",
+            "--keep_init=40"]  # every row enters the memory: no random draws (see admit)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "train.py", *args, "--grad_accum=2",
                           f"--out_dir={tmp_path / 'one'}"], cwd=HERE, capture_output=True,
@@ -849,7 +883,8 @@ from foldgpt import FoldGPT, FoldGPTConfig
 def kb(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
 cfg = train.TrainConfig(**json.loads(sys.argv[1]), device="cpu")
-warm = FoldGPT(FoldGPTConfig(vocab_size=257, window=4, n_state=4, n_layer=1, n_head=1, n_embd=8))
+warm = FoldGPT(FoldGPTConfig(vocab_size=257, window=4, n_state=4, n_mem=0, n_layer=1, n_head=1,
+                            n_embd=8))
 warm(torch.zeros(1, 8, dtype=torch.long), None, torch.zeros(1, 8, dtype=torch.long))[1].backward()
 torch.optim.AdamW(warm.parameters()).step()
 del warm

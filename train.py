@@ -36,8 +36,8 @@ class TrainConfig:
     init_from: str = "scratch"  # 'scratch', or 'resume' from out_dir/ckpt.pt
     # the model (FoldGPTConfig; vocab_size comes from the data's meta.json)
     window: int = 32  # W: new tokens per window
-    n_state: int = 64  # S: carried rows per layer (0: a plain GPT with a W-token context)
-    n_mem: int = 0  # of the S rows, memory rows kept for their learned keep score
+    n_state: int = 96  # S: carried rows per layer (0: a plain GPT with a W-token context)
+    n_mem: int = 32  # of the S rows, memory rows kept for their learned keep score
     mem_cost: float = 0.01  # a cost on the carried rows' keep probability (sigmoid of the
     #                        keep score), so that only the rows whose reading pays it stay
     keep_init: float = 2.0  # the keep score's bias at first (> 0: every row is kept)
@@ -55,12 +55,14 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps of batch_size streams each per optimizer step (per process)
     grad_ckpt: bool = False  # recompute each window in backward: memory O(bptt) states
     # AdamW, with warmup then cosine decay to min_lr at max_iters
-    max_iters: int = 1500  # optimizer steps
+    max_iters: int = 1200  # optimizer steps
     learning_rate: float = 2e-3  # peak learning rate
     min_lr: float = 2e-4  # learning rate at the end of the cosine
     warmup_iters: int = 100  # linear warmup steps
     recall_warmup: int = 300  # first steps whose loss counts only the recall targets, where
     #                           the data marks them (the built-in corpus does): see README
+    recall_every: int = 2  # after recall_warmup, every recall_every-th step counts only the
+    #                        recall targets too, so the memory keeps learning what to keep (0: none)
     weight_decay: float = 0.1  # on matrices and embeddings only, decoupled (AdamW)
     beta1: float = 0.9
     beta2: float = 0.99
@@ -338,21 +340,22 @@ class Progress:
         self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
         self.peak_flops = peak_flops  # of all processes together; 0 where unknown
         self.max_iters, self.start_it, self.t_start = cfg.max_iters, it, time.time()
-        self.log = []  # (iter, train loss) at each line
+        self.log = []  # (iter, train loss, whether it counted the recall targets only)
         self.restart(it)
 
     def restart(self, it):
         self.t0, self.it0 = time.time(), it
 
-    def report(self, it, loss, lr):
+    def report(self, it, loss, lr, recall=False):
         dt = (time.time() - self.t0) / (it - self.it0)
         eta = (time.time() - self.t_start) / (it - self.start_it) * (self.max_iters - it)
         mfu = (f" | mfu {100 * self.flops_per_step / dt / self.peak_flops:4.1f}%"
                if self.peak_flops else "")
-        print(f"iter {it:5d} | loss {loss:.4f} | lr {lr:.2e} | "
+        kind = "recall loss" if recall else "loss"  # a step on the recall targets only, or all
+        print(f"iter {it:5d} | {kind} {loss:.4f} | lr {lr:.2e} | "
               f"{self.tokens_per_step / dt:7,.0f} tok/s | {dt * 1000:5.0f} ms/iter{mfu} | "
               f"eta {eta / 60:.1f} min", flush=True)
-        self.log.append((it, loss))
+        self.log.append((it, loss, recall))
         self.restart(it)
 
 
@@ -421,6 +424,7 @@ def train(cfg):
                               rows=slice(rank * mine, (rank + 1) * mine))
     val_data = StreamLoader(os.path.join(cfg.data_dir, "val.bin"), cfg.batch_size, span)
     recall_warmup = cfg.recall_warmup if train_data.marks is not None else 0
+    recall_every = cfg.recall_every if train_data.marks is not None else 0
     if cfg.recall_warmup and not recall_warmup:
         say(f"note: {cfg.data_dir} marks no recall targets, so no recall_warmup: the loss "
             "counts every token from the first step")
@@ -529,7 +533,8 @@ def train(cfg):
     say(describe_memory(costs, cfg.grad_ckpt))
     if it < recall_warmup:
         say(f"iters {it}-{recall_warmup}: the loss counts only the recall targets (recall_warmup); "
-            "then every token")
+            "then every token" + (f", but for one step in {recall_every} (recall_every)"
+                                  if recall_every else ""))
     if cfg.dry_run:
         if ddp:
             dist.destroy_process_group()
@@ -558,7 +563,8 @@ def train(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # ---- one step: bptt windows per stream, the state carried through all of them ----
-            x, y, fresh = train_data.next(recall_only=it < recall_warmup)
+            recall_only = it < recall_warmup or bool(recall_every and it % recall_every == 0)
+            x, y, fresh = train_data.next(recall_only=recall_only)
             if fresh:
                 state = None  # the streams start over from the top: so does the state
             loss, state = train_step(trainer, optimizer, x.to(device), y.to(device), state, cfg,
@@ -575,7 +581,7 @@ def train(cfg):
                 value = mean_loss()  # the one sync with the device per log line
                 stop_if_not_finite(value)
                 if master:
-                    progress.report(it, value, lr)
+                    progress.report(it, value, lr, recall_only)
         if ddp:
             dist.barrier()  # every process done (rank 0 has written the checkpoint) before exit
     finally:
