@@ -37,7 +37,7 @@ from train import pick_device
 @dataclass
 class BenchConfig:
     quick: bool = False  # a smaller run: at most 3 minutes on 2 CPU cores
-    window: int = 32  # the model of every contender (defaults: the quick-start model)
+    window: int = 32  # the model of every contender (defaults: the README's measured model)
     n_state: int = 64  # the figures in the README: the model before the memory was the default
     n_mem: int = 0  # of the S rows, memory rows
     n_layer: int = 4

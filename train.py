@@ -1,7 +1,7 @@
 """
 Train FoldGPT window by window, carrying the state along each of B contiguous streams.
 
-    python prepare_data.py && python train.py          # the CPU quick start, about 10 minutes
+    python prepare_data.py && python train.py          # the CPU quick start, about 13 minutes
     python train.py --max_iters=200 --n_state=0        # the plain windowed GPT, same recipe
     python train.py config/my_run.py --device=cuda     # `key = value` lines, then flags
     torchrun --standalone --nproc_per_node=8 train.py config/paper_24gb.py   # DDP, 8 GPUs

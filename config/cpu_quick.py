@@ -1,5 +1,5 @@
 """The CPU quick start: what `python train.py` does with no arguments, written out as a preset
-to copy and change. About 10 minutes on 2 CPU cores on the built-in corpus.
+to copy and change. About 13 minutes on 2 CPU cores on the built-in corpus.
 
     python prepare_data.py && python train.py config/cpu_quick.py
 """
