@@ -94,12 +94,11 @@ def first_layer_keeps(model, enc):
     layer's memory lets in, in order of first appearance; and which of the filler's tokens. The
     rows entering the first block are the token embeddings, so there whether a row enters (keep
     score > 0, see FoldGPT.admit) depends on its token alone."""
-    filler = enc.encode_ordinary("".join(FILLER))
-    gap = len(filler)  # every filler sentence once
+    filler_ids = enc.encode_ordinary("".join(FILLER))
+    filler, gap = set(filler_ids), len(filler_ids)  # gap: every filler sentence once
     ids = list(dict.fromkeys(make_prompt(enc, 12345, 0, gap) + make_prompt(enc, 67890, 0, gap)))
     block, wte = model.transformer.h[0], model.transformer.wte.weight
     kept = [i for i, s in zip(ids, block.keep_score(wte[ids][None])[0].tolist()) if s > 0]
-    filler = set(filler)
     return ([enc.decode([i]) for i in kept], len(ids),
             [enc.decode([i]) for i in kept if i in filler], len(filler))
 
