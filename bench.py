@@ -31,7 +31,7 @@ import torch
 
 from configurator import configure
 from foldgpt import FoldGPT, FoldGPTConfig
-from train import pick_device
+from checkpoints import pick_device
 
 
 @dataclass
@@ -75,12 +75,11 @@ def sampler(model, contender, prompt):
     """Read prompt (1, P) once; returns run(n), which generates n greedy tokens from there and
     gives the n - 1 times between them, in seconds, as often as it is called."""
     if contender == "FoldGPT":
-        _, state = model.generate(prompt, 0)  # fold the prompt, as generate always does
-        tail = model.unfolded(prompt)
+        _, state = model.generate(prompt, 0)  # fold the prompt; its last window stays pending
 
         def run(n, timed=True):
             stamps = []
-            model.generate(tail, n, temperature=0, state=state,
+            model.generate(prompt[:, :0], n, temperature=0, state=state,
                            on_token=(lambda tok: stamps.append(time.perf_counter())) if timed
                            else None)
             return intervals(stamps)
@@ -97,7 +96,7 @@ def sampler(model, contender, prompt):
                     stamps.append(time.perf_counter())
             return intervals(stamps)
     else:  # kv cache: no state, one window as long as the context
-        window = model.open_window(model.initial_state(1), model.config.window)
+        window = model.open_window(model.initial_state(1).rows, model.config.window)
         for t in range(0, prompt.size(1), 512):
             x_prompt = model.step(prompt[:, t:t + 512], window)
         kv, inputs, n_prompt = list(window.kv), list(window.inputs), window.n

@@ -3,14 +3,18 @@ The command line of every FoldGPT script: a dataclass of knobs, overridden by co
 `--key=value` flags, with types checked. Shared so that train.py, sample.py and prepare_data.py
 read their arguments the same way and fail the same way.
 
-    python train.py config/tiny.py --max_iters=100 --compile=False
+    python train.py config/cpu_quick.py --max_iters=100 --compile=False
     python bench.py --quick                   # a bare --flag sets a bool option to True
+    python train.py --help                    # every option, its default and its comment
 
 A config file holds `key = value` lines of Python literals. It is parsed, never executed.
 """
 
 import ast
+import inspect
+import io
 import sys
+import tokenize
 from dataclasses import fields
 
 
@@ -65,15 +69,36 @@ def read_config_file(path):
     return values
 
 
+def field_comments(cls):
+    """{field name: its comment} from the dataclass's source: the comment at the end of the
+    field's line, and the comment lines below it whose text is indented (`#    more`)."""
+    comments, field = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NAME and tok.line[:tok.start[1]].isspace() and \
+                tok.line[tok.end[1]:].lstrip().startswith(":"):
+            field = tok.string  # a line `name: type = value`
+        elif tok.type == tokenize.COMMENT and field is not None:
+            own_line = not tok.line[:tok.start[1]].strip()
+            if not own_line and tok.start[0] == tok.end[0] and field not in comments:
+                comments[field] = tok.string.lstrip("# ")
+            elif own_line and tok.string.startswith("#  ") and field in comments:
+                comments[field] += " " + tok.string.lstrip("# ")
+            elif own_line:
+                field = None  # a comment that heads the next group of fields
+    return comments
+
+
 def configure(config, argv):
     """Apply config files and --key=value flags in argv, in order, to the dataclass config."""
     kinds = {f.name: f.type for f in fields(config)}  # int, float, bool or str
     valid = ", ".join(kinds)
     for arg in argv:
         if arg in ("-h", "--help"):
-            print("options (--key=value), with their defaults:")
+            print("options (--key=value, or `key = value` lines in a config file), with their "
+                  "defaults:")
+            comments = field_comments(type(config))
             for name in kinds:
-                print(f"  --{name}={getattr(config, name)!r}")
+                print(f"  --{name}={getattr(config, name)!r}  {comments.get(name, '')}".rstrip())
             sys.exit(0)
         if arg.startswith("--"):
             name, eq, text = arg[2:].partition("=")

@@ -33,7 +33,7 @@ import torch
 
 from configurator import configure, fail
 from prepare_data import FILLER, INTRO, KEY_QUESTION, get_tokenizer, key_statement
-from train import load_checkpoint, pick_device
+from checkpoints import load_checkpoint, pick_device
 
 
 @dataclass
@@ -106,7 +106,7 @@ def first_layer_keeps(model, enc):
 def state_off(model):
     """The same model with its state reset at every window: each window starts from the
     learned initial state, so nothing passes from one window to the next."""
-    model.fold = lambda window: model.initial_state(window.inputs[0].size(0))
+    model.fold = lambda window: model.initial_state(window.inputs[0].size(0)).rows
     return model
 
 

@@ -253,6 +253,28 @@ def split_off_val(train_path, val_path, val_fraction, chunk=1 << 24):
     return total - n_val, n_val
 
 
+TOKENIZER_VOCAB = {"byte": 257, "gpt2": 50257}  # get_tokenizer(name).n_vocab
+
+
+def read_meta(data_dir):
+    """meta.json of a data folder made by prepare, after checking that its files are there."""
+    for split in ("train.bin", "val.bin", "meta.json"):
+        if not os.path.exists(os.path.join(data_dir, split)):
+            fail(f"no {split} in {data_dir}: make the data with python prepare_data.py "
+                 "(see its --help for your own text)")
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+        vocab, tokenizer = meta["vocab_size"], meta["tokenizer"]
+    except (ValueError, KeyError) as e:
+        fail(f"{data_dir}/meta.json is damaged ({type(e).__name__}): remake the data with "
+             "python prepare_data.py")
+    if TOKENIZER_VOCAB.get(tokenizer) != vocab:
+        fail(f"{data_dir}/meta.json says tokenizer {tokenizer!r} with vocab {vocab}, which do not "
+             "go together: remake the data with python prepare_data.py")
+    return meta
+
+
 def prepare(cfg):
     """Write train.bin, val.bin and meta.json for cfg; returns the folder written."""
     enc = get_tokenizer(cfg.tokenizer)  # fails early, in one line, if it cannot load

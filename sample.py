@@ -22,7 +22,8 @@ import torch
 
 from configurator import configure, fail
 from prepare_data import get_tokenizer
-from train import load_checkpoint, pick_device, read_file, save_checkpoint
+from checkpoints import load_checkpoint, pick_device, read_file, save_checkpoint
+from foldgpt import State
 
 
 @dataclass
@@ -59,14 +60,16 @@ def fingerprint(model):
 
 
 def read_state(path, model, device):
-    """(state (1, L, S, C), tail tokens (1, r)) from a state file made by this very model."""
+    """The State (rows and pending tokens) in a state file made by this very model."""
     if not os.path.isfile(path):
         fail(f"state file {path} does not exist: make one with --state_out={path}")
     saved = read_file(path, "state file", device)
     if not isinstance(saved, dict) or saved.get("model") != fingerprint(model):
         fail(f"state file {path} was made by another model than the checkpoint in this out_dir: "
              "use it with the checkpoint that made it")
-    return saved["state"], saved["tail"]
+    if not {"rows", "pending"} <= saved.keys():
+        fail(f"state file {path} is from an older FoldGPT: make it again with --state_out")
+    return State(saved["rows"], saved["pending"])
 
 
 def main(cfg):
@@ -76,7 +79,7 @@ def main(cfg):
         fail("--state_out keeps one continuation: use it with --num_samples=1")
     device = pick_device(cfg.device)
     ckpt, model = load_checkpoint(cfg.out_dir, device)
-    model.eval()
+    model.eval()  # generate runs in eval mode anyway: the memory admits by its threshold
     enc = get_tokenizer(ckpt["meta"]["tokenizer"])
     if cfg.temperature <= 0:
         print("note: temperature <= 0, so each token is the likeliest one (greedy)",
@@ -87,10 +90,9 @@ def main(cfg):
     prompt = read_prompt(cfg.prompt)
     state, ids = None, enc.encode_ordinary(prompt)
     if cfg.state_in:
-        state, tail = read_state(cfg.state_in, model, device)
-        ids = tail[0].tolist() + ids  # the unfinished window goes on with the prompt
-    elif not ids:
-        ids = [enc.eot_token]  # no prompt: start where a document starts
+        state = read_state(cfg.state_in, model, device)  # its unfinished window goes on
+    if not ids and (state is None or state.pending.size(1) == 0):
+        ids = [enc.eot_token]  # nothing to go on from: start where a document starts
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, P)
     torch.manual_seed(cfg.seed)
     for k in range(cfg.num_samples):
@@ -108,7 +110,8 @@ def main(cfg):
         if k < cfg.num_samples - 1:
             print("---------------")
     if cfg.state_out:
-        save_checkpoint(cfg.state_out, dict(state=end_state.cpu(), tail=model.unfolded(out).cpu(),
+        save_checkpoint(cfg.state_out, dict(rows=end_state.rows.cpu(),
+                                            pending=end_state.pending.cpu(),
                                             model=fingerprint(model)))
 
 

@@ -1,19 +1,16 @@
 """
-Tests of FoldGPT and of the scripts around it, on tiny models. The model's invariants:
-1. causality: changing token t never changes a logit before t, within or across windows;
-2. streaming: one call over many windows, one call per window carrying the state, and token by
-   token through the KV cache of sampling give the same logits;
-3. the state's shape is fixed by the config, however many windows went in;
-4. n_state = 0 gives independent windows (a plain windowed GPT);
-5. a step's gradients reach its first window and none cross into the step before;
-6. a state carried through thousands of windows stays finite.
+The scripts around the model, on tiny models and a small built-in corpus: the data, training,
+sampling, the state files, resume after a crash or Ctrl-C, bad input, the pass-key eval,
+gradient accumulation, torchrun, mixed precision and the memory estimate. The model's own
+invariants are in test_model.py.
 
-    python -m pytest -q test_foldgpt.py
+    python -m pytest -q                      # both files: what CI runs
 """
 
 import json
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -23,264 +20,17 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import prepare_data
 import train
 from configurator import configure
-from foldgpt import FoldGPT, FoldGPTConfig
+from foldgpt import FoldGPTConfig
+from test_model import MEMORY, tiny, tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # tiktoken's cache of the gpt2 BPE: where TIKTOKEN_CACHE_DIR points, else the project's shared/.
 SHARED_CACHE = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(HERE, "..", "shared",
                                                                     "tiktoken_cache")
-TINY = dict(vocab_size=32, window=4, n_state=8, n_mem=0, n_layer=2, n_head=2, n_embd=16)
-
-
-MEMORY = dict(n_state=10, n_mem=6)  # 6 memory rows and 4 recent rows per layer
-SHIFT3 = dict(token_shift=3, **MEMORY)  # keys read 3 rows back, across memory and windows
-
-
-def tiny(**changes):
-    torch.manual_seed(0)
-    model = FoldGPT(FoldGPTConfig(**{**TINY, **changes})).eval()
-    for block in model.transformer.h:
-        if hasattr(block, "evolve"):
-            block.evolve.data.fill_(0.5)  # 0 at init: make the tests see the carried rows evolve
-        if model.config.n_mem:
-            block.keep.bias.data.fill_(0.05)  # about half the rows enter the memory
-    return model
-
-
-def tokens(n, batch=2, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, TINY["vocab_size"], (batch, n), generator=generator)
-
-
-def logits_token_by_token(model, idx):
-    """The sampling path: one token at a time through the window's KV cache, folding when full."""
-    W = model.config.window
-    window, out = model.open_window(model.initial_state(idx.size(0)), W), []
-    for t in range(idx.size(1)):
-        if window.n == W:
-            window = model.open_window(model.fold(window), W)
-        out.append(model.lm_head(model.step(idx[:, t:t + 1], window)))
-    return torch.cat(out, dim=1)
-
-
-# ---- the invariants ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("config", [dict(), dict(n_state=0), MEMORY, SHIFT3],
-                         ids=["S8", "S0", "mem", "shift3"])
-@pytest.mark.parametrize("t", [0, 2, 3, 4, 6, 9, 12, 13])
-def test_causality_within_and_across_windows(config, t):
-    model = tiny(**config)
-    idx = tokens(14)  # 3 full windows of 4, then a partial window of 2
-    before, _, _ = model(idx)
-    changed = idx.clone()
-    changed[:, t] = (changed[:, t] + 1) % TINY["vocab_size"]
-    after, _, _ = model(changed)
-    assert torch.allclose(before[:, :t], after[:, :t], atol=1e-6, rtol=0)
-    assert not torch.allclose(before[:, t], after[:, t], atol=1e-4)  # token t itself does count
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("config", [dict(), MEMORY, SHIFT3], ids=["S8", "mem", "shift3"])
-def test_streaming_equivalence_one_call_windows_and_tokens(config):
-    model = tiny(**config)
-    idx = tokens(22)  # 5 full windows and a partial one
-    whole, _, state_whole = model(idx)
-    state, per_window = None, []
-    for t in range(0, idx.size(1), model.config.window):
-        logits, _, state = model(idx[:, t:t + model.config.window], state)
-        per_window.append(logits)
-    assert torch.allclose(whole, torch.cat(per_window, dim=1), atol=1e-5)
-    assert torch.allclose(state_whole, state, atol=1e-5)
-    assert torch.allclose(whole, logits_token_by_token(model, idx), atol=1e-5)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("config", [dict(), MEMORY, SHIFT3], ids=["S8", "mem", "shift3"])
-def test_generate_agrees_with_forward(config):
-    model = tiny(**config)
-    prompt = tokens(6)
-    seen = []
-    out, _ = model.generate(prompt, 13, temperature=0, on_token=seen.append)
-    assert out.shape == (2, 19) and torch.equal(out[:, :6], prompt)
-    assert torch.equal(torch.cat(seen, dim=1), out[:, 6:])
-    logits, _, _ = model(out)
-    assert torch.equal(logits[:, 5:-1].argmax(dim=-1), out[:, 6:])  # greedy = argmax, each step
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("config", [dict(), MEMORY, SHIFT3], ids=["S8", "mem", "shift3"])
-def test_generate_goes_on_from_its_state(config):
-    model = tiny(**config)
-    W = model.config.window
-    prompt = tokens(5)
-    both, _ = model.generate(prompt, 17, temperature=0)
-    first, state = model.generate(prompt, 6, temperature=0)
-    tail = first[:, first.size(1) - ((first.size(1) - 1) % W + 1):]
-    assert torch.equal(model.unfolded(first), tail)
-    rest, _ = model.generate(tail, 11, temperature=0, state=state)
-    assert torch.equal(torch.cat([first, rest[:, tail.size(1):]], dim=1), both)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("config", [dict(), MEMORY, SHIFT3], ids=["S8", "mem", "shift3"])
-def test_written_out_attention_equals_fast_path(config):
-    model = tiny(**config)
-    idx = tokens(11)
-    fast, _, _ = model(idx)
-    for block in model.transformer.h:
-        block.attn.fast = False
-    slow, _, _ = model(idx)
-    assert torch.allclose(fast, slow, atol=1e-5)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("n_tokens", [1, 4, 7, 40])
-def test_state_shape_is_fixed_by_the_config(n_tokens):
-    model = tiny()
-    _, _, state = model(tokens(n_tokens, batch=3))
-    c = model.config
-    assert state.shape == (3, c.n_layer, c.n_state, c.n_embd)
-    _, state = model.generate(tokens(3, batch=3), n_tokens, temperature=0)
-    assert state.shape == (3, c.n_layer, c.n_state, c.n_embd)
-
-
-def test_carried_rows_evolve_by_the_gate_and_stay_as_written_at_0():
-    model = tiny()  # W=4, S=8: after a window the state is [the 4 rows that stayed ; 4 tokens]
-    state = model.initial_state(2) + torch.randn(2, 2, 8, 16)
-    _, _, after = model(tokens(4), state)
-    assert not torch.allclose(after[:, :, :4], state[:, :, 4:])  # gate 0.5: evolved
-    for block in model.transformer.h:
-        block.evolve.data.zero_()
-    _, _, after = model(tokens(4), state)
-    assert torch.equal(after[:, :, :4], state[:, :, 4:])  # gate 0: as written
-    # where no row stays through a whole window there is nothing to gate, and no parameter
-    # that a step would leave without a gradient (DDP waits for those)
-    assert not hasattr(tiny(n_state=4).transformer.h[0], "evolve")
-
-
-@torch.no_grad()
-def test_token_shift_gives_each_row_the_k_rows_before_it():
-    block = tiny(token_shift=3).transformer.h[0]
-    x, prev = torch.randn(2, 5, 16), torch.randn(2, 2, 16)  # only 2 rows came before
-    h, before = block.norm(x, prev)
-    rows = block.ln_1(torch.cat([torch.zeros(2, 1, 16), prev, x], dim=1))  # (2, 8, 16)
-    rows[:, 0] = 0  # nothing there: a zero row, not ln_1 of one
-    assert torch.equal(h, rows[:, 3:]) and before.shape == (2, 5, 3 * 16)
-    for t in range(5):
-        assert torch.allclose(before[:, t], torch.cat([rows[:, t + 2], rows[:, t + 1],
-                                                       rows[:, t]], dim=-1))  # nearest first
-
-
-def test_no_state_gives_independent_windows():
-    idx = tokens(12)
-    other_past = idx.clone()
-    other_past[:, :8] = tokens(8, seed=2)
-    plain = tiny(n_state=0, n_mem=4)  # nothing carried: no memory either
-    assert plain.config.n_mem == 0 and not hasattr(plain.transformer.h[0], "keep")
-    whole, _, _ = plain(idx)
-    alone, _, _ = plain(idx[:, 8:])
-    assert torch.allclose(whole[:, 8:], alone, atol=1e-6)
-    assert torch.allclose(whole[:, 8:], plain(other_past)[0][:, 8:], atol=1e-6)
-    folded = tiny()  # with a state, the same change of the past does reach the third window
-    assert not torch.allclose(folded(idx)[0][:, 8:],
-                              folded(other_past)[0][:, 8:], atol=1e-4)
-
-
-def test_gradients_reach_the_first_window_and_stop_at_the_step():
-    model = tiny().train()
-    cfg = train.TrainConfig(grad_clip=1.0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # steps that change nothing
-    embedded = []  # the token embeddings of each window, as they enter block 0
-
-    def keep(module, inputs, out):
-        out.retain_grad()
-        embedded.append(out)
-
-    model.transformer.wte.register_forward_hook(keep)
-    x, y = tokens(12), tokens(12, seed=3)
-    y[:, :8] = -1  # only the last window's loss: its gradient must reach back two windows
-    _, state = train.train_step(model, optimizer, x, y, None, cfg)
-    assert state.grad_fn is None and not state.requires_grad
-    first_window = embedded[0]
-    assert first_window.grad is not None and first_window.grad.abs().sum() > 0
-    grad_after_step_1 = first_window.grad.clone()
-    train.train_step(model, optimizer, tokens(12, seed=4), tokens(12, seed=5), state, cfg)
-    assert len(embedded) == 6 and embedded[3].grad.abs().sum() > 0  # step 2 did backpropagate
-    assert torch.equal(first_window.grad, grad_after_step_1)  # ... and not into step 1
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("config", [dict(), dict(n_state=8, n_mem=4)], ids=["S8", "mem"])
-def test_state_carried_through_2000_windows_stays_finite(config):
-    model = tiny(**config)
-    idx = tokens(2000 * model.config.window, batch=1)
-    state = None
-    for t in range(0, idx.size(1), model.config.window):
-        logits, _, state = model(idx[:, t:t + model.config.window], state)
-    assert torch.isfinite(state).all() and torch.isfinite(logits).all()
-    assert state.shape == (1, 2, 8, 16)
-
-
-def test_memory_keeps_the_newest_rows_whose_keep_score_is_positive():
-    mem = torch.arange(1.0, 4.0).view(1, 3, 1)  # rows 1, 2, 3, oldest first
-    pushed = torch.arange(4.0, 8.0).view(1, 4, 1)  # rows 4 .. 7 leave the recent part
-    admitted = torch.tensor([[False, True, False, True]])  # rows 5 and 7 enter, 4 and 6 not
-    kept = FoldGPT.remember(mem, pushed, admitted)
-    assert kept.view(-1).tolist() == [3.0, 5.0, 7.0]  # the newest 3 of 1, 2, 3, 5, 7, in order
-
-
-@torch.no_grad()
-def test_rows_scored_out_still_enter_the_memory_now_and_then_in_training():
-    model = tiny(**MEMORY)
-    block, rows = model.transformer.h[0], torch.randn(4, 1000, 16)
-    block.keep.weight.zero_()
-    block.keep.bias.fill_(-1.0)  # every row scores -1: sigmoid(-1) = 0.27
-    assert not model.eval().admit(block, rows).any()  # sampling and eval: score > 0 only
-    torch.manual_seed(0)
-    share = model.train().admit(block, rows).float().mean().item()
-    assert 0.25 < share < 0.29, share  # training: each row with probability sigmoid(score)
-
-
-def test_keep_score_learns_from_how_strongly_the_memory_is_read():
-    model = tiny(**MEMORY).train()
-    _, loss, _ = model(tokens(24), None, tokens(24, seed=3))
-    loss.backward()
-    for block in model.transformer.h:
-        assert block.keep.weight.grad.abs().sum() > 0 and block.evolve.grad != 0
-
-
-@torch.no_grad()
-def test_keep_scores_weigh_how_strongly_the_memory_rows_are_read():
-    model = tiny(token_shift=0, **MEMORY)  # no token shift: memory rows reach tokens by reading
-    idx, state = tokens(4), torch.randn(2, 2, 10, 16)
-    other = state.clone()
-    other[:, :, :6] = torch.randn(2, 2, 6, 16)  # other memory rows, the same recent rows
-    for keep_bias, same in [(-60.0, True), (60.0, False)]:
-        for block in model.transformer.h:
-            block.keep.bias.fill_(keep_bias)
-        a, b = (model(idx, s)[0] for s in (state, other))
-        assert torch.allclose(a, b, atol=1e-5) == same  # -60: the memory is not read at all
-
-
-def test_mem_cost_lowers_the_keep_scores_of_the_carried_rows():
-    x, y = tokens(16, batch=4), tokens(16, batch=4, seed=2)
-    kept = []
-    for mem_cost in (0.0, 10.0):
-        model = tiny(**MEMORY).train()
-        cfg = train.TrainConfig(mem_cost=mem_cost, learning_rate=0.1)
-        optimizer = train.make_optimizer(model, cfg, "cpu")
-        state = None
-        for _ in range(10):
-            _, state = train.train_step(model, optimizer, x, y, state, cfg)
-        with torch.no_grad():
-            kept.append(sum(torch.sigmoid(block.keep_score(state[:, l])).mean()
-                            for l, block in enumerate(model.transformer.h)).item())
-    assert kept[1] < kept[0] - 0.2, kept
-
-
 # ---- data ----------------------------------------------------------------------------------
 
 def read_bins(folder):
@@ -440,10 +190,10 @@ def test_sample_script_prints_a_continuation(trained):
 
 
 def test_train_defaults_are_the_model_defaults():
-    model_defaults = FoldGPTConfig()
+    train_defaults = {f.name: f.default for f in fields(train.TrainConfig)}
     for f in fields(FoldGPTConfig):
         if f.name != "vocab_size":
-            assert getattr(train.TrainConfig(), f.name) == getattr(model_defaults, f.name)
+            assert train_defaults[f.name] == f.default, f.name
 
 
 def test_presets_load_and_the_cpu_preset_is_the_default():
@@ -560,22 +310,40 @@ BAD_INPUT = {
         f"--out_dir={tmp}"], "dtype float16 needs CUDA"),
     "n_mem above n_state": (lambda tmp, data, out: [
         "train.py", f"--data_dir={data}", "--n_state=8", "--n_mem=9", f"--out_dir={tmp}"],
-        "n_mem must be between 0 and n_state (8)"),
+        "n_mem must be at most n_state (8)"),
     "eval without a checkpoint": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={tmp}"], "python train.py"),
 }
 
 
+def run_here(capsys, script, *args):
+    """Run a script in this process as `python script args` runs it (torch is loaded once, not
+    once per case): its exit code, and what it printed to stdout and stderr. An exception that
+    the script lets out, which would be a traceback, fails the test."""
+    argv, sys.argv = sys.argv, [script, *args]
+    try:
+        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
 @pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_input_is_one_line_exit_2_and_damages_nothing(trained, tmp_path, case):
+def test_bad_input_is_one_line_exit_2_and_damages_nothing(trained, tmp_path, case, capsys,
+                                                          monkeypatch):
     data, out, _ = trained
+    monkeypatch.chdir(HERE)
     make_args, says = BAD_INPUT[case]
     args = make_args(tmp_path, data, out)
     before = files_under(data, out, tmp_path)
-    result = run(*args)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
-    assert says in result.stderr
+    code, _, err = run_here(capsys, *args)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert says in err
     assert files_under(data, out, tmp_path) == before
 
 
@@ -687,7 +455,8 @@ def test_state_file_carries_generation_across_runs(trained, tmp_path):
     assert whole.returncode == first.returncode == second.returncode == 0, second.stderr
     assert first.stdout[:-1] + second.stdout == whole.stdout
     saved = torch.load(state, weights_only=True)
-    assert saved["state"].shape == (1, 2, 16, 32)  # fixed by the model, not by the text
+    assert saved["rows"].shape == (1, 2, 16, 32)  # fixed by the model, not by the text
+    assert 1 <= saved["pending"].size(1) <= 8  # the unfinished window: at most W tokens
 
 
 def test_state_file_from_another_model_is_refused(trained, tmp_path):
@@ -713,20 +482,9 @@ def test_a_loss_that_blows_up_stops_the_run_and_keeps_the_last_good_checkpoint(t
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
-def test_grad_ckpt_gives_the_same_gradients():
-    grads = []
-    for grad_ckpt in (False, True):
-        model = tiny(dropout=0.1).train()
-        torch.manual_seed(5)  # the same dropout masks: checkpoint replays the RNG state
-        _, loss, _ = model(tokens(14), None, tokens(14, seed=3), grad_ckpt=grad_ckpt)
-        loss.backward()
-        grads.append([p.grad for p in model.parameters()])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
-
-
 def test_a_crash_while_writing_a_checkpoint_leaves_the_old_one_whole(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint(path, dict(iter_num=1, weights=torch.ones(1000)))
+    checkpoints.save_checkpoint(path, dict(iter_num=1, weights=torch.ones(1000)))
 
     def crash(obj, f):  # write part of the file, then die as a killed process would
         f.write(b"PK\x03\x04 half a checkpoint")
@@ -734,7 +492,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_old_one_whole(tmp_path, m
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, dict(iter_num=2, weights=torch.zeros(1000)))
+        checkpoints.save_checkpoint(path, dict(iter_num=2, weights=torch.zeros(1000)))
     kept = torch.load(path, weights_only=True)
     assert kept["iter_num"] == 1 and torch.equal(kept["weights"], torch.ones(1000))
 
@@ -821,7 +579,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         state = None
         for _ in range(3):
             loss, state = train.train_step(model, optimizer, x, y, state, cfg)
-        models.append((loss, state, model))
+        models.append((loss, state.rows, model))
     (loss1, state1, m1), (loss2, state2, m2) = models
     assert torch.allclose(loss1, loss2, atol=1e-6) and torch.allclose(state1, state2, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(m1.parameters(), m2.parameters()))
@@ -878,7 +636,7 @@ def test_bfloat16_autocast_trains_on_cpu(trained, tmp_path):
 
 
 PEAK_OF_A_STEP = """
-import gc, json, sys, torch, train
+import gc, json, sys, torch, costs, train
 from foldgpt import FoldGPT, FoldGPTConfig
 def kb(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
@@ -896,7 +654,7 @@ x = torch.randint(0, 257, (cfg.batch_size, cfg.bptt * cfg.window))
 train.train_step(model, optimizer, x, x, None, cfg)  # AdamW makes its moments in the first step
 open("/proc/self/clear_refs", "w").write("5")  # the peak from here on
 train.train_step(model, optimizer, x, x, None, cfg)
-costs = train.step_costs(cfg, 257, model.num_params())
+costs = costs.step_costs(cfg, model.config, model.num_params())
 acts = costs["activations_ckpt" if cfg.grad_ckpt else "activations"]
 print(json.dumps(dict(measured=(kb("VmHWM") - before) * 1024,
                       estimate=costs["params"] + costs["grads"] + costs["adamw"] + acts)))

@@ -1,0 +1,456 @@
+"""
+The model's invariants, on tiny models, in seconds: `python -m pytest -q test_model.py`.
+docs/design.md lists the same invariants, one to one, with the test that holds each.
+The scripts around the model (data, training, sampling, resume, torchrun) are tested in
+test_scripts.py; `python -m pytest -q` runs both.
+"""
+
+import os
+import re
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import train
+from foldgpt import FoldGPT, FoldGPTConfig, State
+
+TINY = dict(vocab_size=32, window=4, n_state=8, n_mem=0, n_layer=2, n_head=2, n_embd=16)
+MEMORY = dict(n_state=10, n_mem=6)  # 6 memory rows and 4 recent rows per layer
+SHIFT3 = dict(token_shift=3, **MEMORY)  # keys read 3 rows back, across memory and windows
+STAY = dict(n_state=12, n_mem=4)  # 4 memory rows and 8 recent rows: 4 stay through a window
+CONFIGS = [dict(), MEMORY, SHIFT3, STAY]
+IDS = ["S8", "mem", "shift3", "mem+stay"]
+
+
+def tiny(**changes):
+    torch.manual_seed(0)
+    model = FoldGPT(FoldGPTConfig(**{**TINY, **changes})).eval()
+    for block in model.transformer.h:
+        if hasattr(block, "evolve"):
+            block.evolve.data.fill_(0.5)  # 0 at init: make the tests see the carried rows evolve
+        if model.config.n_mem:
+            block.keep.bias.data.fill_(0.05)  # about half the rows enter the memory
+    return model
+
+
+def tokens(n, batch=2, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY["vocab_size"], (batch, n), generator=generator)
+
+
+def random_state(model, batch=2, seed=4):
+    """A carried state whose rows differ from stream to stream (and from the initial state)."""
+    c = model.config
+    generator = torch.Generator().manual_seed(seed)
+    return State(torch.randn(batch, c.n_layer, c.n_state, c.n_embd, generator=generator))
+
+
+def logits_token_by_token(model, idx):
+    """The sampling path: one token at a time through the window's KV cache, folding when full."""
+    W = model.config.window
+    window, out = model.open_window(model.initial_state(idx.size(0)).rows, W), []
+    for t in range(idx.size(1)):
+        if window.n == W:
+            window = model.open_window(model.fold(window), W)
+        out.append(model.lm_head(model.step(idx[:, t:t + 1], window)))
+    return torch.cat(out, dim=1)
+
+
+# ---- causality and streaming -----------------------------------------------------------------
+
+@pytest.mark.parametrize("config", [dict(), dict(n_state=0), MEMORY, SHIFT3, STAY],
+                         ids=["S8", "S0", "mem", "shift3", "mem+stay"])
+@pytest.mark.parametrize("t", [0, 3, 4, 6, 9, 13])
+def test_causality_within_and_across_windows(config, t):
+    model = tiny(**config)
+    idx = tokens(14)  # 3 full windows of 4, then a partial window of 2
+    before, _, _ = model(idx)
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % TINY["vocab_size"]
+    after, _, _ = model(changed)
+    assert torch.allclose(before[:, :t], after[:, :t], atol=1e-6, rtol=0)
+    assert not torch.allclose(before[:, t], after[:, t], atol=1e-4)  # token t itself does count
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_streaming_equivalence_one_call_windows_and_tokens(config):
+    model = tiny(**config)
+    idx = tokens(22)  # 5 full windows and a partial one
+    whole, _, state_whole = model(idx)
+    state, per_window = None, []
+    for t in range(0, idx.size(1), model.config.window):
+        logits, _, state = model(idx[:, t:t + model.config.window], state)
+        per_window.append(logits)
+    assert torch.allclose(whole, torch.cat(per_window, dim=1), atol=1e-5)
+    assert torch.allclose(state_whole.rows, state.rows, atol=1e-5)
+    assert torch.allclose(whole, logits_token_by_token(model, idx), atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_a_stream_split_anywhere_gives_what_one_call_gives(config):
+    model = tiny(**config)
+    idx, targets = tokens(19), tokens(19, seed=3)
+    whole, _, end = model(idx)
+    _, loss_whole, _ = model(idx, None, targets)
+    for split in range(1, 19):
+        a, _, state = model(idx[:, :split])
+        assert state.pending.size(1) == split % 4  # a window not yet full waits in the state
+        b, _, after = model(idx[:, split:], state)
+        assert torch.allclose(torch.cat([a, b], dim=1), whole, atol=1e-5), split
+        assert torch.allclose(after.rows, end.rows, atol=1e-5)
+        assert torch.equal(after.pending, end.pending)
+    # the loss of the second part counts its own tokens only, as one call would
+    _, loss_b, _ = model(idx[:, 7:], model(idx[:, :7])[2], targets[:, 7:])
+    assert torch.allclose(loss_b, F.cross_entropy(whole[:, 7:].flatten(0, 1),
+                                                  targets[:, 7:].flatten()), atol=1e-5)
+    assert not torch.allclose(loss_b, loss_whole)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_every_batch_row_is_its_own_stream(config):
+    model = tiny(**config)
+    idx, state = tokens(22, batch=3), random_state(model, batch=3)
+    logits, _, after = model(idx, state)
+    out, end = model.generate(idx[:, :6], 9, temperature=0, state=state)
+    for b in range(3):
+        alone, _, after_b = model(idx[b:b + 1], state.select(slice(b, b + 1)))
+        assert torch.allclose(alone, logits[b:b + 1], atol=1e-5), b
+        assert torch.allclose(after_b.rows, after.rows[b:b + 1], atol=1e-5)
+        out_b, end_b = model.generate(idx[b:b + 1, :6], 9, temperature=0,
+                                      state=state.select(slice(b, b + 1)))
+        assert torch.equal(out_b, out[b:b + 1])
+        assert torch.allclose(end_b.rows, end.rows[b:b + 1], atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_written_out_attention_equals_fast_path(config):
+    model = tiny(**config)
+    idx = tokens(11)
+    fast, _, _ = model(idx, random_state(model))
+    for block in model.transformer.h:
+        block.attn.fast = False
+    slow, _, _ = model(idx, random_state(model))
+    assert torch.allclose(fast, slow, atol=1e-5)
+
+
+@torch.no_grad()
+def test_eval_mode_is_deterministic():
+    model = tiny(**STAY)
+    idx = tokens(30)
+    first, _, state = model(idx)
+    again, _, state_again = model(idx)
+    assert torch.equal(first, again) and torch.equal(state.rows, state_again.rows)
+
+
+@torch.no_grad()
+def test_bfloat16_autocast_stays_within_its_tolerance_of_float32():
+    """bf16 keeps 8 bits of mantissa: on CPU the tiny model's logits stay within 0.05 of float32
+    (its logits are about 1 in size) across windows."""
+    model = tiny(**STAY)
+    idx = tokens(30)
+    full, _, _ = model(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half, _, state = model(idx)
+    assert half.dtype == torch.bfloat16 and torch.isfinite(state.rows).all()
+    assert (half.float() - full).abs().max() < 0.05, (half.float() - full).abs().max()
+
+
+# ---- generate ----------------------------------------------------------------------------
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("P", [1, 4, 5, 8])  # 1, W, W + 1 and 2W tokens of prompt
+def test_generate_agrees_with_forward(config, P):
+    model = tiny(**config)
+    prompt = tokens(P)
+    seen = []
+    out, _ = model.generate(prompt, 13, temperature=0, on_token=seen.append)
+    assert out.shape == (2, P + 13) and torch.equal(out[:, :P], prompt)
+    assert torch.equal(torch.cat(seen, dim=1), out[:, P:])
+    logits, _, _ = model(out)
+    assert torch.equal(logits[:, P - 1:-1].argmax(dim=-1), out[:, P:])  # greedy = argmax
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_generate_goes_on_from_its_state(config):
+    model = tiny(**config)
+    prompt = tokens(5)
+    both, _ = model.generate(prompt, 17, temperature=0)
+    first, state = model.generate(prompt, 6, temperature=0)
+    assert 1 <= state.pending.size(1) <= 4 and torch.equal(
+        state.pending, first[:, first.size(1) - state.pending.size(1):])
+    rest, _ = model.generate(prompt[:, :0], 11, temperature=0, state=state)
+    assert torch.equal(torch.cat([first, rest], dim=1), both)
+    logits, _, _ = model(both[:, 11:], model(both[:, :11])[2])  # forward goes on from it too
+    assert torch.equal(logits[:, :-1].argmax(dim=-1), both[:, 12:])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_sampling_draws_from_the_distribution_forward_gives(monkeypatch, top_k):
+    model = tiny(**STAY)
+    drawn_from = []
+    multinomial = torch.multinomial
+
+    def record(probs, num_samples):
+        drawn_from.append(probs.clone())
+        return multinomial(probs, num_samples)
+
+    monkeypatch.setattr(torch, "multinomial", record)
+    torch.manual_seed(3)
+    out, _ = model.generate(tokens(3), 11, temperature=0.7, top_k=top_k)  # crosses 3 windows
+    logits, _, _ = model(out)
+    assert len(drawn_from) == 11
+    for i, probs in enumerate(drawn_from):
+        want = logits[:, 2 + i] / 0.7
+        if top_k is not None:
+            kth = want.topk(top_k).values[:, -1:]
+            want = want.masked_fill(want < kth, float("-inf"))
+            assert ((probs > 0).sum(dim=-1) == top_k).all()
+        assert torch.allclose(probs, F.softmax(want, dim=-1), atol=1e-5), i
+
+
+def test_generate_samples_in_eval_mode_and_gives_the_mode_back():
+    model = tiny(**MEMORY).train()  # in training, rows would enter the memory at random
+    prompt = tokens(9)
+    outs = [model.generate(prompt, 12, temperature=0)[0] for _ in range(3)]
+    assert model.training
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert torch.equal(outs[0], model.eval().generate(prompt, 12, temperature=0)[0])
+    assert not model.training
+
+
+# ---- the state ---------------------------------------------------------------------------
+
+@torch.no_grad()
+@pytest.mark.parametrize("n_tokens", [1, 4, 7, 40])
+def test_state_shape_is_fixed_by_the_config(n_tokens):
+    model = tiny()
+    _, _, state = model(tokens(n_tokens, batch=3))
+    c = model.config
+    assert state.rows.shape == (3, c.n_layer, c.n_state, c.n_embd)
+    assert state.pending.shape == (3, n_tokens % c.window)
+    _, state = model.generate(tokens(3, batch=3), n_tokens, temperature=0)
+    assert state.rows.shape == (3, c.n_layer, c.n_state, c.n_embd)
+
+
+def test_carried_rows_evolve_by_the_gate_and_stay_as_written_at_0():
+    model = tiny()  # W=4, S=8: after a window the state is [the 4 rows that stayed ; 4 tokens]
+    state = random_state(model)
+    _, _, after = model(tokens(4), state)
+    assert not torch.allclose(after.rows[:, :, :4], state.rows[:, :, 4:])  # gate 0.5: evolved
+    for block in model.transformer.h:
+        block.evolve.data.zero_()
+    _, _, after = model(tokens(4), state)
+    assert torch.equal(after.rows[:, :, :4], state.rows[:, :, 4:])  # gate 0: as written
+    # where no row stays through a whole window there is nothing to gate, and no parameter
+    # that a step would leave without a gradient
+    assert not hasattr(tiny(n_state=4).transformer.h[0], "evolve")
+
+
+@torch.no_grad()
+def test_token_shift_gives_each_row_the_k_rows_before_it():
+    block = tiny(token_shift=3).transformer.h[0]
+    x, prev = torch.randn(2, 5, 16), torch.randn(2, 2, 16)  # only 2 rows came before
+    h, before = block.norm(x, prev)
+    rows = block.ln_1(torch.cat([torch.zeros(2, 1, 16), prev, x], dim=1))  # (2, 8, 16)
+    rows[:, 0] = 0  # nothing there: a zero row, not ln_1 of one
+    assert torch.equal(h, rows[:, 3:]) and before.shape == (2, 5, 3 * 16)
+    for t in range(5):
+        assert torch.allclose(before[:, t], torch.cat([rows[:, t + 2], rows[:, t + 1],
+                                                       rows[:, t]], dim=-1))  # nearest first
+
+
+def test_no_state_gives_independent_windows():
+    idx = tokens(12)
+    other_past = idx.clone()
+    other_past[:, :8] = tokens(8, seed=2)
+    plain = tiny(n_state=0, n_mem=4)  # nothing carried: no memory either
+    assert plain.config.n_mem == 0 and not hasattr(plain.transformer.h[0], "keep")
+    whole, _, _ = plain(idx)
+    alone, _, _ = plain(idx[:, 8:])
+    assert torch.allclose(whole[:, 8:], alone, atol=1e-6)
+    assert torch.allclose(whole[:, 8:], plain(other_past)[0][:, 8:], atol=1e-6)
+    folded = tiny()  # with a state, the same change of the past does reach the third window
+    assert not torch.allclose(folded(idx)[0][:, 8:],
+                              folded(other_past)[0][:, 8:], atol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", [dict(), dict(n_state=8, n_mem=4)], ids=["S8", "mem"])
+def test_state_carried_through_1000_windows_stays_finite(config):
+    model = tiny(**config)
+    idx = tokens(1000 * model.config.window, batch=1)
+    logits, _, state = model(idx)
+    assert torch.isfinite(state.rows).all() and torch.isfinite(logits).all()
+    assert state.rows.shape == (1, 2, 8, 16)
+
+
+def test_any_n_state_works_with_the_defaults():
+    for S in (0, 1, 16, 40, 96):
+        config = FoldGPTConfig(n_state=S, n_layer=1)
+        assert config.n_mem == S // 3
+        model = FoldGPT(config)
+        assert model(torch.zeros(1, 40, dtype=torch.long))[2].rows.shape == (1, 1, S, 128)
+    with pytest.raises(ValueError, match="n_mem must be at most n_state"):
+        FoldGPT(FoldGPTConfig(n_state=8, n_mem=9))
+
+
+# ---- training ------------------------------------------------------------------------------
+
+def test_the_loss_is_the_mean_over_the_targets_that_count():
+    model = tiny(**STAY)
+    idx, targets = tokens(14), tokens(14, seed=3)
+    targets[:, ::3] = -1
+    targets[0, :10] = -1  # most targets ignored, as on the steps that count recall targets only
+    logits, _, _ = model(idx)
+    _, loss, _ = model(idx, None, targets)
+    assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                ignore_index=-1), atol=1e-6)
+
+
+def test_gradients_reach_the_first_window_and_stop_at_the_step():
+    model = tiny().train()
+    cfg = train.TrainConfig(grad_clip=1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # steps that change nothing
+    embedded = []  # the token embeddings of each window, as they enter block 0
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        embedded.append(out)
+
+    model.transformer.wte.register_forward_hook(keep)
+    x, y = tokens(12), tokens(12, seed=3)
+    y[:, :8] = -1  # only the last window's loss: its gradient must reach back two windows
+    _, state = train.train_step(model, optimizer, x, y, None, cfg)
+    assert state.rows.grad_fn is None and not state.rows.requires_grad
+    first_window = embedded[0]
+    assert first_window.grad is not None and first_window.grad.abs().sum() > 0
+    grad_after_step_1 = first_window.grad.clone()
+    train.train_step(model, optimizer, tokens(12, seed=4), tokens(12, seed=5), state, cfg)
+    assert len(embedded) == 6 and embedded[3].grad.abs().sum() > 0  # step 2 did backpropagate
+    assert torch.equal(first_window.grad, grad_after_step_1)  # ... and not into step 1
+
+
+def test_grad_ckpt_gives_the_same_gradients():
+    grads = []
+    for grad_ckpt in (False, True):
+        model = tiny(dropout=0.1, **STAY).train()
+        torch.manual_seed(5)  # the same dropout masks and admissions: checkpoint replays the RNG
+        _, loss, _ = model(tokens(14), None, tokens(14, seed=3), grad_ckpt=grad_ckpt)
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+# ---- the memory ----------------------------------------------------------------------------
+
+def test_memory_keeps_the_newest_rows_whose_keep_score_is_positive():
+    mem = torch.arange(1.0, 4.0).view(1, 3, 1)  # rows 1, 2, 3, oldest first
+    pushed = torch.arange(4.0, 8.0).view(1, 4, 1)  # rows 4 .. 7 leave the recent part
+    admitted = torch.tensor([[False, True, False, True]])  # rows 5 and 7 enter, 4 and 6 not
+    kept = FoldGPT.remember(mem, pushed, admitted)
+    assert kept.view(-1).tolist() == [3.0, 5.0, 7.0]  # the newest 3 of 1, 2, 3, 5, 7, in order
+
+
+def first_layer_scores_by_token(model, kept_tokens):
+    """Set the first layer so that a token's row scores > 0 exactly when it is in kept_tokens
+    (there the rows are the token embeddings, so admission is by token); returns nothing."""
+    C = model.config.n_embd
+    pattern = torch.tensor([1.0, -1.0]).repeat(C // 2)  # mean 0, std 1: unchanged by ln_1
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(model.config.vocab_size, C, generator=generator)
+    noise -= noise.mean(dim=1, keepdim=True)
+    noise -= (noise @ pattern)[:, None] * pattern / C  # orthogonal to pattern, mean 0
+    sign = torch.tensor([1.0 if t in kept_tokens else -1.0 for t in range(noise.size(0))])
+    with torch.no_grad():
+        model.transformer.wte.weight.copy_(sign[:, None] * pattern + 0.5 * noise)
+        block = model.transformer.h[0]
+        block.keep.weight.copy_(pattern[None])
+        block.keep.bias.zero_()
+
+
+@torch.no_grad()
+def test_the_memory_holds_the_last_admitted_rows_in_stream_order():
+    model = tiny(**MEMORY)  # M = 6 memory rows, R = 4 recent rows, W = 4
+    kept_tokens = {1, 3, 5, 8, 11, 14, 20, 27}
+    first_layer_scores_by_token(model, kept_tokens)
+    idx = tokens(64)  # 16 windows; the last 4 tokens are the recent rows, the rest pushed out
+    _, _, state = model(idx)
+    wte = model.transformer.wte.weight
+    for b in range(2):
+        admitted = [t for t in idx[b, :-4].tolist() if t in kept_tokens]
+        assert len(admitted) >= 6
+        assert torch.equal(state.rows[b, 0, :6], wte[admitted[-6:]])  # the newest, oldest first
+        assert torch.equal(state.rows[b, 0, 6:], wte[idx[b, -4:]])  # the recent rows
+    # no row scores > 0: nothing enters, the memory rows stay the initial state's
+    model.transformer.h[0].keep.bias.fill_(-100.0)
+    _, _, state = model(idx)
+    assert torch.equal(state.rows[:, 0, :6], model.state0[0, :6].expand(2, -1, -1))
+
+
+@torch.no_grad()
+def test_rows_scored_out_still_enter_the_memory_now_and_then_in_training():
+    model = tiny(**MEMORY)
+    block, rows = model.transformer.h[0], torch.randn(4, 1000, 16)
+    block.keep.weight.zero_()
+    block.keep.bias.fill_(-1.0)  # every row scores -1: sigmoid(-1) = 0.27
+    assert not model.eval().admit(block, rows).any()  # sampling and eval: score > 0 only
+    torch.manual_seed(0)
+    share = model.train().admit(block, rows).float().mean().item()
+    assert 0.25 < share < 0.29, share  # training: each row with probability sigmoid(score)
+    block.keep.bias.fill_(1.0)
+    assert model.eval().admit(block, rows).all()  # scored > 0: every row enters
+
+
+def test_keep_score_learns_from_how_strongly_the_memory_is_read():
+    model = tiny(**MEMORY).train()
+    _, loss, _ = model(tokens(24), None, tokens(24, seed=3))
+    loss.backward()
+    for block in model.transformer.h:
+        assert block.keep.weight.grad.abs().sum() > 0 and block.evolve.grad != 0
+
+
+@torch.no_grad()
+def test_keep_scores_weigh_how_strongly_the_memory_rows_are_read():
+    model = tiny(token_shift=0, **MEMORY)  # no token shift: memory rows reach tokens by reading
+    idx, state = tokens(4), random_state(model)
+    other = State(state.rows.clone())
+    other.rows[:, :, :6] = torch.randn(2, 2, 6, 16)  # other memory rows, the same recent rows
+    for keep_bias, same in [(-60.0, True), (60.0, False)]:
+        for block in model.transformer.h:
+            block.keep.bias.fill_(keep_bias)
+        a, b = (model(idx, s)[0] for s in (state, other))
+        assert torch.allclose(a, b, atol=1e-5) == same  # -60: the memory is not read at all
+
+
+def test_mem_cost_lowers_the_keep_scores_of_the_carried_rows():
+    x, y = tokens(16, batch=4), tokens(16, batch=4, seed=2)
+    kept = []
+    for mem_cost in (0.0, 10.0):
+        model = tiny(**MEMORY).train()
+        cfg = train.TrainConfig(mem_cost=mem_cost, learning_rate=0.1)
+        optimizer = train.make_optimizer(model, cfg, "cpu")
+        state = None
+        for _ in range(10):
+            _, state = train.train_step(model, optimizer, x, y, state, cfg)
+        with torch.no_grad():
+            kept.append(sum(torch.sigmoid(block.keep_score(state.rows[:, l])).mean()
+                            for l, block in enumerate(model.transformer.h)).item())
+    assert kept[1] < kept[0] - 0.2, kept
+
+
+# ---- the design document -------------------------------------------------------------------
+
+def test_design_lists_every_model_test():
+    here = os.path.dirname(os.path.abspath(__file__))
+    listed = re.findall(r"^\| .* \| `(test_\w+)` \|$",
+                        open(os.path.join(here, "docs", "design.md")).read(), re.M)
+    tests = re.findall(r"^def (test_\w+)", open(os.path.abspath(__file__)).read(), re.M)
+    assert listed == tests
