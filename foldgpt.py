@@ -24,21 +24,17 @@ size, V vocab):
   repetitive time evolution               open_window: Block l runs the carried rows again
   folding                                 FoldGPT.fold                       -> (B, L, S, C)
 
-One window, at layer l, works on the rows [carried rows of layer l ; the window's tokens]. Row
-r reads rows <= r (one causal mask), so a token reads every carried row of its own layer (the
-same time) and the tokens before it, and the carried rows read only each other. Each window
-begins by evolving the carried rows once more through Block l, by a learned share (the evolve
-gate, 0 at first); then its tokens run; then the fold keeps the last S - M token states of each
-layer as the recent rows, and lets the rows pushed out of them into M memory rows when a
-learned keep score says so. With n_state = 0 nothing is carried: a plain GPT with a W-token
-context, the baseline, from the same code.
-
-Two more choices of ours make a copy by content (the look-back a pass key needs) learnable
-fast: token shift (a row's key also reads the rows before it) and untied embeddings.
+A window at layer l works on [carried rows of layer l ; its tokens], under one causal mask: a
+token reads every carried row of its layer and the tokens before it. The window opens by
+evolving the carried rows once more through Block l (open_window), runs its tokens (step), and
+folds: the last S - M token states of each layer stay as recent rows, and the rows pushed out
+enter M memory rows when a learned keep score says so (fold). With n_state = 0 nothing is
+carried: a plain GPT with a W-token context, the baseline, from the same code.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -67,9 +63,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         K, C = config.token_shift, config.n_embd
-        # Token shift: a row's key also says which K tokens came before it, and its query which
-        # K-1 did, so one layer can find "the row after the earlier '#5'" (an induction step,
-        # which copying a pass key is) where a plain GPT needs two layers.
+        # Token shift (ours): a row's key also says which K tokens came before it, its query
+        # which K-1 did, so one layer finds "the row after the earlier '#5'", as a copy needs.
         if K:
             self.c_prev = nn.Linear(K * C, C, bias=False)  # the K rows before -> key
         if K > 1:
@@ -78,9 +73,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.fast = True  # F.scaled_dot_product_attention; False runs the same sum written out
-        # Slot positions for the rotary code: 0..S-1 hold the carried rows, S..S+W-1 the tokens.
-        # The fold shifts every row down by the W slots a window adds, so the slot distance
-        # between two rows is their distance in the stream, whichever window each came from.
+        # Rotary slots: 0..S-1 hold the carried rows, S..S+W-1 the tokens. The fold shifts rows
+        # down by the W slots a window adds, so slot distance is distance in the stream.
         hs = config.n_embd // config.n_head
         freq = 10000.0 ** (-torch.arange(0, hs, 2).float() / hs)  # (hs/2,)
         angle = torch.arange(config.n_state + config.window).float()[:, None] * freq  # (S+W, hs/2)
@@ -96,17 +90,15 @@ class CausalSelfAttention(nn.Module):
             k = k + self.c_prev(before)
             if before.size(-1) > C:
                 q = q + self.c_prevq(before[..., :-C])
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))  # each (B, nh, T, hs)
         cos, sin = self.cos[P:P + T], self.sin[P:P + T]
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def forward(self, x, before=None, kv=None, bias=None, lend=0):
-        """x (B, T, C): new rows, the first `lend` of which only lend their keys and values;
-        kv: keys and values of the P rows before them, or None; bias (B, N): added to the
-        attention logits of the first N of the P + T rows, or None. Returns the outputs of the
-        T - lend rows that read (B, T-lend, C) and the keys and values of all P + T rows."""
+        """x (B, T, C): new rows, the first `lend` of which only lend keys and values; kv: those
+        of the P rows before, or None; bias (B, M): added to the logits of the first M rows.
+        Returns the outputs of the N = T - lend rows that read (B, N, C), and all P + T k, v."""
         B, T, C = x.size()
         P = 0 if kv is None else kv[0].size(2)
         q, k, v = self.project(x, before, P)
@@ -115,8 +107,7 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat([kv[0], k], dim=2)  # (B, nh, P+T, hs)
             v = torch.cat([kv[1], v], dim=2)  # (B, nh, P+T, hs)
         # "All key-token states in the same time": one causal mask over the slots, slot r reads
-        # slots <= r. A token reads all carried rows of its layer and the tokens up to itself;
-        # a carried row reads only older carried rows, never the window after it.
+        # slots <= r: a token reads every carried row of its layer, a carried row no token.
         mask = None  # one row that reads (N == 1, sampling) reads every row: no mask needed
         if N > 1:
             mask = torch.ones(N, P + T, dtype=torch.bool, device=x.device).tril(P + lend)
@@ -162,9 +153,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
         if config.n_mem or (config.evolve_gate and config.n_state - config.n_mem > config.window):
-            # How far each window evolves the carried rows: 0 at first, so they stay as written,
-            # where the tokens learn to read them fastest. (Made only where rows stay through a
-            # window: a parameter that no step uses would get no gradient.)
+            # How far each window evolves the carried rows: 0 at first, as written, where tokens
+            # learn to read them fastest. (Only where rows stay: else it would get no gradient.)
             self.evolve = nn.Parameter(torch.zeros(()))
         if config.n_mem:  # the keep score: which rows enter the memory (see FoldGPT.admit)
             self.keep = nn.Linear(config.n_embd, 1, bias=True)
@@ -186,8 +176,7 @@ class Block(nn.Module):
         return h[:, K:], torch.cat([h[:, K - i:K - i + T] for i in range(1, K + 1)], dim=-1)
 
     def forward(self, x, kv=None, bias=None, prev=None, lend=0):
-        """Rows x (B, T, C) after the rows whose keys and values kv holds and the last of which
-        are prev: the outputs of all but the first `lend` (B, T-lend, C), and the new kv."""
+        """Rows x (B, T, C) after those in kv (the last K of them: prev) -> (B, T-lend, C), kv."""
         a, kv = self.attn(*self.norm(x, prev), kv, bias, lend)
         x = x[:, lend:] + a
         x = x + self.mlp(self.ln_2(x))
@@ -212,10 +201,8 @@ class FoldGPTConfig:
 
     def __post_init__(self):
         self.token_shift = int(self.token_shift)  # older checkpoints said True for 1
-        if self.n_mem < 0:  # the default: a third of the carried rows are memory
+        if self.n_mem < 0 or self.n_state == 0:  # -1: a third of the rows; S = 0: a plain GPT
             self.n_mem = max(0, self.n_state) // 3
-        if self.n_state == 0:  # nothing carried, so no memory either: a plain GPT
-            self.n_mem = 0
 
     def check(self):
         """Raise ValueError, in one line that says what to change, for sizes that cannot work."""
@@ -237,9 +224,8 @@ class FoldGPTConfig:
 
 @dataclass
 class State:
-    """What a stream carries from one call to the next, whatever its length so far: the folded
-    rows, and the tokens of a window not yet full, which the next call reads first. So a stream
-    cut into calls anywhere gives what one call over all of it gives."""
+    """What a stream carries from one call to the next: the folded rows, and the tokens of a
+    window not yet full, which the next call reads first (so a stream may be cut anywhere)."""
     rows: torch.Tensor  # (B, L, S, C): the condensed context, S rows per layer
     pending: torch.Tensor = None  # (B, r), r <= W: tokens since the last fold; None: none
 
@@ -247,10 +233,6 @@ class State:
         if self.pending is None:
             self.pending = torch.zeros(self.rows.size(0), 0, dtype=torch.long,
                                        device=self.rows.device)
-
-    def detach(self):
-        """The same state cut from the graph: gradients stop here (truncated BPTT)."""
-        return State(self.rows.detach(), self.pending)
 
     def select(self, streams):
         """The state of some of the streams (an index or slice of the batch)."""
@@ -260,14 +242,12 @@ class State:
 @dataclass
 class Window:
     """A window under way: what its tokens read at each layer, and what the fold needs."""
-    mem: list  # per layer: (B, M, C) memory rows as they entered (kept so, not evolved)
-    bias: list  # per layer: (B, M) how strongly the memory rows are read, or None
-    gone: list  # per layer: (B, G, C) recent rows this window pushes out (not evolved)
-    stay: list  # per layer: (B, R-G, C) recent rows that stay, evolved once more
-    kv: list  # per layer: (k, v) of every row the next token reads, each (B, nh, rows, hs)
-    tail: list  # per layer: (B, <=K, C) the last K rows before the next token (token shift)
-    inputs: list  # per layer: (B, n, C) the window's token states that entered Block l
-    size: int  # tokens the window will hold when it is folded
+    mem: list = field(default_factory=list)  # per layer: (B, M, C) memory rows as they entered
+    bias: list = field(default_factory=list)  # per layer: (B, M) how strongly memory is read
+    recent: list = field(default_factory=list)  # per layer: (B, R, C), the staying ones evolved
+    kv: list = field(default_factory=list)  # per layer: (k, v) of every row the next token reads
+    tail: list = field(default_factory=list)  # per layer: (B, <=K, C) the last K rows so far
+    inputs: list = field(default_factory=list)  # per layer: (B, n, C) tokens entering Block l
     n: int = 0  # tokens in the window so far
 
 
@@ -317,7 +297,7 @@ class FoldGPT(nn.Module):
         are [M memory rows ; R = S - M recent rows, oldest first]."""
         M, K = self.config.n_mem, self.config.token_shift
         G = min(size, self.config.n_state - M)  # the oldest G recent rows make way for the tokens
-        window = Window(mem=[], bias=[], gone=[], stay=[], kv=[], tail=[], inputs=[], size=size)
+        window = Window()
         for l, block in enumerate(self.transformer.h):
             mem, recent = rows[:, l, :M], rows[:, l, M:]  # (B, M, C), (B, R, C)
             read, bias = mem, None
@@ -331,22 +311,17 @@ class FoldGPT(nn.Module):
             kv, stay = None, recent[:, G:]  # (B, R-G, C)
             if carried.size(1):
                 out, kv = block(carried, None, bias, None, lend=M + G)  # (B, R-G, C)
-                stay = self.evolved(block, stay, out)
+                if not self.config.evolve_gate:  # fully evolved
+                    stay = out
+                elif hasattr(block, "evolve"):  # by the gate's share (no gate: no row stays)
+                    stay = stay + block.evolve * (out - stay)
             window.kv.append(kv)
             window.tail.append(last_rows(carried, K))
             window.mem.append(mem)
             window.bias.append(bias)
-            window.gone.append(recent[:, :G])
-            window.stay.append(stay)
+            window.recent.append(torch.cat([recent[:, :G], stay], dim=1))  # (B, R, C)
             window.inputs.append(recent[:, :0])  # (B, 0, C): no tokens yet
         return window
-
-    def evolved(self, block, rows, out):
-        """Carried rows (B, R, C) moved towards their outputs out (B, R, C) from block: by the
-        learned gate's share, fully without the gate, not at all where no row ever stays."""
-        if not self.config.evolve_gate:
-            return out
-        return rows + block.evolve * (out - rows) if hasattr(block, "evolve") else rows
 
     def step(self, idx, window):
         """Run the next tokens idx (B, T) of the window; returns their final states (B, T, C)."""
@@ -360,15 +335,12 @@ class FoldGPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def fold(self, window):
-        """The next rows (B, L, S, C). Per layer, the recent rows become the last R rows of
-        [pushed-out rows ; evolved recent rows ; tokens at layer l]; the rows this pushes out of
-        the recent part enter the memory if admit lets them (see remember)."""
-        if window.n != window.size:
-            raise ValueError(f"a window opened for {window.size} tokens holds {window.n}")
+        """The next rows (B, L, S, C): per layer, the last R of [recent rows ; tokens at layer l]
+        stay recent; those pushed out enter the memory if admit lets them (see remember)."""
         R = self.config.n_state - self.config.n_mem
         rows = []
         for l, block in enumerate(self.transformer.h):
-            layer = torch.cat([window.gone[l], window.stay[l], window.inputs[l]], dim=1)
+            layer = torch.cat([window.recent[l], window.inputs[l]], dim=1)  # (B, R+W, C)
             recent, pushed = layer[:, layer.size(1) - R:], layer[:, :layer.size(1) - R]
             mem = (self.remember(window.mem[l], pushed, self.admit(block, pushed))
                    if self.config.n_mem else recent[:, :0])  # (B, M, C)
@@ -376,9 +348,8 @@ class FoldGPT(nn.Module):
         return torch.stack(rows, dim=1)  # (B, L, S, C)
 
     def admit(self, block, rows):
-        """(B, G): which rows (B, G, C) pushed out of the recent part enter the memory: those
-        whose keep score is > 0. In training, each with probability sigmoid(score) instead, so
-        a row scored out still enters now and then, is read, and its score can learn back up."""
+        """(B, G): which rows (B, G, C) pushed out of the recent part enter the memory: score > 0;
+        in training, with probability sigmoid(score), so a row scored out can learn back up."""
         score = block.keep_score(rows)
         if self.training:
             return torch.rand_like(score) < torch.sigmoid(score)
@@ -386,9 +357,8 @@ class FoldGPT(nn.Module):
 
     @staticmethod
     def remember(mem, pushed, keep):
-        """The memory after a window: the newest M rows of [memory ; pushed-out rows that keep
-        (B, G) admits], in stream order. A row stays until M newer rows have been kept after it,
-        however many windows that takes: what the keep score lets through sets the reach."""
+        """The newest M of [memory ; pushed-out rows that keep (B, G) admits], in stream order:
+        a row stays until M newer rows have entered, however many windows that takes."""
         B, M, C = mem.size()
         keep = torch.cat([torch.ones_like(mem[..., 0], dtype=torch.bool), keep], dim=1)
         newer = keep.flip(1).cumsum(1).flip(1)  # kept rows at or after each row, (B, M+G)
@@ -398,13 +368,11 @@ class FoldGPT(nn.Module):
         return out[:, :M]  # (B, M, C)
 
     def forward(self, idx, state=None, targets=None, grad_ckpt=False):
-        """Read a stream of any length, window by window, carrying the state: idx (B, N) ->
-        logits (B, N, V), the mean loss over targets (B, N) (-1: no loss) or None, and the State
-        after it. The state's pending tokens are read first, so model(a) then model(b, state)
-        gives what model(a + b) gives. With targets, the logits are not kept (returned as None):
-        each window turns its own into its loss, since for a large vocabulary they are the
-        largest tensor of a step. grad_ckpt keeps only what enters each window for the backward
-        pass, which runs the window again: activation memory O(windows) states plus one."""
+        """A stream of any length, window by window: idx (B, N) -> logits (B, N, V), the mean
+        loss over targets (B, N) (-1: none) or None, and the State after it. The state's pending
+        tokens are read first, so model(a) then model(b, state) gives what model(a + b) gives.
+        With targets, logits are not kept (None): each window turns its own into its loss.
+        grad_ckpt keeps only what enters each window, and backward runs the window again."""
         W = self.config.window
         state = self.initial_state(idx.size(0)) if state is None else state
         r = state.pending.size(1)
@@ -412,12 +380,11 @@ class FoldGPT(nn.Module):
         if targets is not None:
             targets = F.pad(targets, (r, 0), value=-1)  # no loss on tokens read before
         rows, logits, loss = state.rows, [], 0.0
+        run = self.run_window
+        if grad_ckpt and torch.is_grad_enabled():
+            run = partial(checkpoint, self.run_window, use_reentrant=False)
         for t in range(0, idx.size(1), W):
-            args = (idx[:, t:t + W], rows, None if targets is None else targets[:, t:t + W])
-            if grad_ckpt and torch.is_grad_enabled():
-                out, rows = checkpoint(self.run_window, *args, use_reentrant=False)
-            else:
-                out, rows = self.run_window(*args)
+            out, rows = run(idx[:, t:t + W], rows, None if targets is None else targets[:, t:t + W])
             if targets is None:
                 logits.append(out)
             else:
@@ -445,20 +412,14 @@ class FoldGPT(nn.Module):
         as it is made; temperature 0 picks the likeliest token. Returns idx with the new tokens
         (B, P + new) and the State after them, to go on from. Sampling runs in eval mode (the
         memory admits by its threshold, not by training's random draws); the mode is restored."""
-        training = self.training
-        self.eval()
-        try:
-            return self.sample(idx, max_new_tokens, temperature, top_k, state, on_token)
-        finally:
-            self.train(training)
-
-    def sample(self, idx, max_new_tokens, temperature, top_k, state, on_token):
         W, P = self.config.window, idx.size(1)
         state = self.initial_state(idx.size(0)) if state is None else state
         idx = torch.cat([state.pending, idx], dim=1)  # the unfinished window goes on
         r = state.pending.size(1)
         if r + P < 1:
             raise ValueError("generate needs at least one token to start from")
+        training = self.training
+        self.eval()
         rows, last = state.rows, (r + P - 1) // W * W  # keep >= 1 token to go on from
         for t in range(0, last, W):  # fold the whole windows of the prompt
             window = self.open_window(rows, W)
@@ -485,4 +446,5 @@ class FoldGPT(nn.Module):
                 window = self.open_window(rows, W)
             if i < max_new_tokens - 1:
                 x = self.step(tok, window)  # one row through every layer, reading the KV cache
+        self.train(training)
         return out[:, r:], State(rows, out[:, last:])

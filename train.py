@@ -181,7 +181,7 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
         # The next step reads on from here, so the state goes on with it. Detached: gradients
         # stop at the step boundary (truncated BPTT), so memory stays O(bptt) windows however
         # long the stream, while the context itself flows forward without bound.
-        states.append(after.detach().rows)
+        states.append(after.rows.detach())
     if start is not None:
         if isinstance(model, DDP):  # averaged across processes, as DDP does the others
             dist.all_reduce(start.grad)
