@@ -6,6 +6,7 @@ train.py, sample.py, eval.py and bench.py.
 
 import os
 import random
+import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -17,12 +18,25 @@ from foldgpt import FoldGPT, FoldGPTConfig
 
 
 def pick_device(name):
-    """'auto': cuda, then mps, then cpu; any other name as given."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    """'auto': cuda, then mps, then cpu. A device asked for by name must be there: checked
+    before anything is loaded onto it, so that a missing GPU is named as the cause."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        fail(f"--device={name} is not a device torch knows: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail(f"--device={name}, but CUDA is not available on this machine: use --device=cpu "
+             "or --device=auto")
+    if kind == "cuda" and torch.device(name).index is not None and \
+            torch.device(name).index >= torch.cuda.device_count():
+        fail(f"--device={name}, but this machine has {torch.cuda.device_count()} CUDA devices")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device={name}, but MPS is not available on this machine: use --device=cpu")
+    return name
 
 
 def rng_states():
@@ -45,13 +59,24 @@ def set_rng_states(states):
 
 def save_checkpoint(path, ckpt):
     """Write a temporary file in the same folder, flush it to disk, then rename it over the old
-    one: a crash at any moment leaves either the old checkpoint or the new one, whole."""
+    one: a crash at any moment leaves either the old checkpoint or the new one, whole. A write
+    that fails (a full disk, say) removes the temporary file and ends the run with exit code 1,
+    in one line that says the previous file is intact."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        reason = (getattr(e, "strerror", None) or str(e).strip().splitlines()[0])[:120]
+        kept = "the previous one is intact" if os.path.isfile(path) else "none was there before"
+        print(f"error: cannot write {path} ({reason}); {kept}. Free some disk space or pick "
+              "another folder", file=sys.stderr)
+        sys.exit(1)
 
 
 def read_file(path, what, device="cpu"):
@@ -70,11 +95,15 @@ def load_checkpoint(out_dir, device):
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         fail(f"no checkpoint at {path}: train one with python train.py --out_dir={out_dir}")
+    if not os.path.isfile(path):
+        fail(f"{path} is not a file: move it away, and train with python train.py")
     ckpt = read_file(path, "checkpoint", device)
     try:
         model = FoldGPT(FoldGPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        if ckpt["meta"]["tokenizer"] not in ("byte", "gpt2"):  # sample.py and eval.py need it
+            raise ValueError(ckpt["meta"]["tokenizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         fail(f"checkpoint {path} does not hold a FoldGPT this code can build "
              f"({type(e).__name__}): train a new one")
     return ckpt, model.to(device)

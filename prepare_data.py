@@ -257,22 +257,42 @@ TOKENIZER_VOCAB = {"byte": 257, "gpt2": 50257}  # get_tokenizer(name).n_vocab
 
 
 def read_meta(data_dir):
-    """meta.json of a data folder made by prepare, after checking that its files are there."""
-    for split in ("train.bin", "val.bin", "meta.json"):
-        if not os.path.exists(os.path.join(data_dir, split)):
-            fail(f"no {split} in {data_dir}: make the data with python prepare_data.py "
-                 "(see its --help for your own text)")
+    """meta.json of a data folder made by prepare, after checking that its files are there and
+    belong together: each token file a whole number of tokens, as many as meta.json says, and
+    every id below the vocabulary. Anything else is a one-line error naming the fix."""
+    remake = "remake the data with python prepare_data.py (see its --help for your own text)"
+    for name in ("train.bin", "val.bin", "meta.json"):
+        if not os.path.isfile(os.path.join(data_dir, name)):
+            fail(f"no {name} in {data_dir}: {remake}")
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
         vocab, tokenizer = meta["vocab_size"], meta["tokenizer"]
-    except (ValueError, KeyError) as e:
-        fail(f"{data_dir}/meta.json is damaged ({type(e).__name__}): remake the data with "
-             "python prepare_data.py")
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{data_dir}/meta.json is damaged ({type(e).__name__}): {remake}")
     if TOKENIZER_VOCAB.get(tokenizer) != vocab:
         fail(f"{data_dir}/meta.json says tokenizer {tokenizer!r} with vocab {vocab}, which do not "
-             "go together: remake the data with python prepare_data.py")
+             f"go together: {remake}")
+    for split in ("train", "val"):
+        path = os.path.join(data_dir, f"{split}.bin")
+        size = os.path.getsize(path)
+        if size % 2:
+            fail(f"{path} is {size:,} bytes, not a whole number of 2-byte tokens (a copy cut "
+                 f"short?): {remake}")
+        if size // 2 != meta.get(f"{split}_tokens"):
+            fail(f"{path} holds {size // 2:,} tokens, but meta.json says "
+                 f"{meta.get(f'{split}_tokens')}: the files are from different runs; {remake}")
+        top = largest_id(path) if size else 0
+        if top >= vocab:
+            fail(f"{path} holds token id {top}, but {tokenizer!r} has {vocab} tokens: the folder "
+                 f"mixes two tokenizers' data; {remake}")
     return meta
+
+
+def largest_id(path, chunk=1 << 24):
+    """The largest token id in a token file, read in chunks (a corpus may not fit in memory)."""
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    return max(int(data[i:i + chunk].max()) for i in range(0, len(data), chunk))
 
 
 def prepare(cfg):
@@ -301,6 +321,15 @@ def prepare(cfg):
     else:
         fail(f"unknown dataset {cfg.dataset!r}: use passkeys or shakespeare, or --input=PATH")
     out_dir = cfg.out_dir or os.path.join("data", name)
+    try:
+        return write_data(cfg, enc, name, source, train_pieces, val_pieces, out_dir)
+    except OSError as e:  # a full disk, a folder that cannot be written
+        print(f"error: cannot write the data to {out_dir} ({e.strerror or e}): free some disk "
+              "space or pick another --out_dir, then run this again", file=sys.stderr)
+        sys.exit(1)
+
+
+def write_data(cfg, enc, name, source, train_pieces, val_pieces, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     train_path, val_path = os.path.join(out_dir, "train.bin"), os.path.join(out_dir, "val.bin")
     marked = name == "passkeys" and not cfg.input  # the built-in corpus marks recall targets

@@ -45,7 +45,8 @@ def read_prompt(prompt):
         return prompt
     path = prompt[len("FILE:"):]
     if not os.path.isfile(path):
-        fail(f"prompt file {path} does not exist")
+        fail(f"prompt file {path} " + ("is not a file" if os.path.exists(path) else
+                                        "does not exist"))
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
 
@@ -62,7 +63,8 @@ def fingerprint(model):
 def read_state(path, model, device):
     """The State (rows and pending tokens) in a state file made by this very model."""
     if not os.path.isfile(path):
-        fail(f"state file {path} does not exist: make one with --state_out={path}")
+        fail(f"state file {path} " + ("is not a file" if os.path.exists(path) else
+                                       f"does not exist: make one with --state_out={path}"))
     saved = read_file(path, "state file", device)
     if not isinstance(saved, dict) or saved.get("model") != fingerprint(model):
         fail(f"state file {path} was made by another model than the checkpoint in this out_dir: "

@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 import train
-from foldgpt import FoldGPT, FoldGPTConfig, State
+from foldgpt import FoldGPT, FoldGPTConfig, State, rotate
 
 TINY = dict(vocab_size=32, window=4, n_state=8, n_mem=0, n_layer=2, n_head=2, n_embd=16)
 MEMORY = dict(n_state=10, n_mem=6)  # 6 memory rows and 4 recent rows per layer
@@ -140,11 +140,12 @@ def test_written_out_attention_equals_fast_path(config):
 
 @torch.no_grad()
 def test_eval_mode_is_deterministic():
-    model = tiny(**STAY)
+    model = tiny(dropout=0.2, **STAY)  # dropout and the memory's draws act in training only
     idx = tokens(30)
     first, _, state = model(idx)
     again, _, state_again = model(idx)
     assert torch.equal(first, again) and torch.equal(state.rows, state_again.rows)
+    assert not torch.allclose(model.train()(idx)[0], first)
 
 
 @torch.no_grad()
@@ -243,12 +244,15 @@ def test_state_shape_is_fixed_by_the_config(n_tokens):
 def test_carried_rows_evolve_by_the_gate_and_stay_as_written_at_0():
     model = tiny()  # W=4, S=8: after a window the state is [the 4 rows that stayed ; 4 tokens]
     state = random_state(model)
-    _, _, after = model(tokens(4), state)
-    assert not torch.allclose(after.rows[:, :, :4], state.rows[:, :, 4:])  # gate 0.5: evolved
+    stayed = state.rows[:, :, 4:]
+    _, _, half = model(tokens(4), state)  # gate 0.5
+    _, _, full = tiny(evolve_gate=False)(tokens(4), state)  # fully evolved
+    assert not torch.allclose(half.rows[:, :, :4], stayed)
+    assert torch.allclose(half.rows[:, :, :4], (stayed + full.rows[:, :, :4]) / 2, atol=1e-6)
     for block in model.transformer.h:
         block.evolve.data.zero_()
     _, _, after = model(tokens(4), state)
-    assert torch.equal(after.rows[:, :, :4], state.rows[:, :, 4:])  # gate 0: as written
+    assert torch.equal(after.rows[:, :, :4], stayed)  # gate 0: as written
     # where no row stays through a whole window there is nothing to gate, and no parameter
     # that a step would leave without a gradient
     assert not hasattr(tiny(n_state=4).transformer.h[0], "evolve")
@@ -313,6 +317,10 @@ def test_the_loss_is_the_mean_over_the_targets_that_count():
     _, loss, _ = model(idx, None, targets)
     assert torch.allclose(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
                                                 ignore_index=-1), atol=1e-6)
+    one = torch.full_like(targets, -1)
+    one[1, 9] = 5  # a single target counts: the loss is its own
+    assert torch.allclose(model(idx, None, one)[1], F.cross_entropy(logits[1, 9], one[1, 9]))
+    assert model(idx, None, torch.full_like(targets, -1))[1] == 0  # none counts: 0, not nan
 
 
 def test_gradients_reach_the_first_window_and_stop_at_the_step():
@@ -349,7 +357,80 @@ def test_grad_ckpt_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+# ---- the parts -------------------------------------------------------------------------------
+
+def test_defaults_are_the_quick_start_model():
+    """FoldGPTConfig's defaults are the model of config/cpu_quick.py, the README's default run
+    of 1,099,656 parameters."""
+    from configurator import read_config_file
+    preset = read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
+                                           "cpu_quick.py"))
+    config = FoldGPTConfig()
+    for name, value in preset.items():
+        if hasattr(config, name) and name != "n_mem":
+            assert getattr(config, name) == value, name
+    assert (config.n_mem, config.vocab_size) == (32, 257)
+    assert FoldGPT(config).num_params() == 1_099_656
+
+
+def test_config_check_refuses_sizes_that_cannot_work():
+    for bad in (dict(window=0), dict(n_state=-1), dict(n_state=8, n_mem=9), dict(n_layer=0),
+                dict(vocab_size=0), dict(n_embd=30), dict(n_embd=12, n_head=4),
+                dict(dropout=1.0), dict(dropout=-0.1)):
+        with pytest.raises(ValueError):
+            FoldGPTConfig(**{**TINY, **bad}).check()
+    for good in (dict(window=1), dict(n_state=8, n_mem=8), dict(n_layer=1, n_head=1),
+                 dict(dropout=0.99)):
+        FoldGPT(FoldGPTConfig(**{**TINY, **good}))
+
+
+def test_rotary_positions_are_roformers_and_scores_depend_on_distance_only():
+    attn = tiny().transformer.h[0].attn  # head size 8: 4 channel pairs, 12 slots
+    slot, pair = torch.arange(12.0)[:, None], torch.arange(4.0)[None, :]
+    angle = slot * 10000.0 ** (-2 * pair / 8)
+    assert torch.allclose(attn.cos, angle.cos()) and torch.allclose(attn.sin, angle.sin())
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(a, b):  # q at slot a reads k at slot b
+        return (rotate(q, attn.cos[a], attn.sin[a]) * rotate(k, attn.cos[b], attn.sin[b])).sum()
+
+    assert torch.allclose(score(5, 2), score(9, 6), atol=1e-5)  # distance 3 both times
+    assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
+
+
+def test_initialisation_is_gpt2s():
+    torch.manual_seed(0)
+    model = FoldGPT(FoldGPTConfig(n_layer=8))
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):  # residual projections: 0.02 / sqrt(2 L)
+            assert abs(p.std().item() / (0.02 / 4) - 1) < 0.05, name
+        elif name.endswith("keep.bias"):
+            assert torch.all(p == 2.0)  # keep_init: at first every row enters the memory
+        elif name.endswith("evolve"):
+            assert p.item() == 0.0  # the gate starts closed: carried rows as written
+        elif p.dim() >= 2 or name == "state0":  # within 3 standard errors of N(0, 0.02)
+            n = p.numel()
+            assert abs(p.std().item() / 0.02 - 1) < max(0.05, 3 / n ** 0.5), name
+            assert abs(p.mean().item()) < 3 * 0.02 / n ** 0.5, name
+        else:
+            assert torch.all(p == 1.0) or torch.all(p == 0.0), name  # LayerNorm gains, biases
+
+
 # ---- the memory ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_memory_rows_are_read_one_step_evolved_from_the_rows_as_they_entered():
+    model = tiny(**MEMORY)
+    rows = random_state(model).rows
+    window = model.open_window(rows, 4)
+    for l, block in enumerate(model.transformer.h):
+        mem = rows[:, l, :6]
+        read = mem + 0.5 * (block(mem)[0] - mem)  # gate 0.5
+        assert torch.equal(window.mem[l], mem)  # kept as they entered
+        assert torch.allclose(window.bias[l], F.logsigmoid(block.keep_score(read)), atol=1e-6)
+        assert torch.allclose(window.kv[l][0][:, :, :6], block.attn.project(
+            *block.norm(read), 0)[1], atol=1e-5)  # their keys: those of the evolved rows
+
 
 def test_memory_keeps_the_newest_rows_whose_keep_score_is_positive():
     mem = torch.arange(1.0, 4.0).view(1, 3, 1)  # rows 1, 2, 3, oldest first

@@ -102,7 +102,8 @@ def test_recall_marks_sit_on_the_keys_said_again(tmp_path, monkeypatch, tokenize
     edges = np.flatnonzero(np.diff(np.r_[0, marks, 0]))  # where each marked run starts, ends
     said = [enc.decode(ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
     keys = [k for doc in docs for k in re.findall(r"The pass key is #(\d+)\. Remember", doc)]
-    assert len(keys) >= 2 and said == [k for k in keys for _ in range(2)]  # exactly the key's digits, no more
+    # exactly the key's digits, no more
+    assert len(keys) >= 2 and said == [k for k in keys for _ in range(2)]
 
 
 def test_recall_warmup_counts_only_the_marked_targets(tmp_path):
@@ -175,7 +176,7 @@ def test_training_loss_falls_and_the_checkpoint_loads(trained):
     _, out, log = trained
     every_token = [loss for _, loss, recall in log if not recall]  # recall steps: other targets
     assert len(every_token) == 4 and every_token[-1] < every_token[0] - 0.5, log
-    assert [it for it, _, recall in log if recall] == [10, 20, 30, 40]  # then steps 49, 59, ...: odd
+    assert [it for it, _, recall in log if recall] == [10, 20, 30, 40]  # then 49, 59, ...: odd
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["iter_num"] == 80 and ckpt["meta"]["tokenizer"] == "byte"
     assert ckpt["train_state"].shape == (4, 2, 16, 32)
@@ -240,6 +241,34 @@ def truncated_checkpoint(out, tmp):
     whole = open(os.path.join(out, "ckpt.pt"), "rb").read()
     (tmp / "ckpt.pt").write_bytes(whole[:len(whole) // 2])
     return str(tmp)
+
+
+def damaged_data(data, tmp, split="train.bin", cut=0, token=None, meta_text=None):
+    """A copy of the data folder with one file damaged: split cut short by `cut` bytes, or one
+    of its tokens set to `token`; or meta.json's text replaced."""
+    folder = copy_data(data, tmp)
+    path = os.path.join(folder, split)
+    raw = bytearray(open(path, "rb").read())
+    if token is not None:
+        raw[100:102] = int(token).to_bytes(2, "little")
+    open(path, "wb").write(raw[:len(raw) - cut])
+    if meta_text is not None:
+        open(os.path.join(folder, "meta.json"), "w").write(meta_text)
+    return folder
+
+
+def other_checkpoint(out, tmp, drop=(), replace_by=None):
+    """tmp holding ckpt.pt: the trained one without the keys in drop, or the object given."""
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    for key in drop:
+        del ckpt[key]
+    torch.save(ckpt if replace_by is None else replace_by, tmp / "ckpt.pt")
+    return str(tmp)
+
+
+def folder_named(path):
+    os.makedirs(path)
+    return path
 
 
 # Each case: how to make its command line from (tmp folder, data, trained out), and what the one
@@ -313,6 +342,46 @@ BAD_INPUT = {
         "n_mem must be at most n_state (8)"),
     "eval without a checkpoint": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={tmp}"], "python train.py"),
+    # files that lie: damaged on purpose
+    "token file cut short": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={damaged_data(data, tmp, cut=1)}", f"--out_dir={tmp}"],
+        "not a whole number of 2-byte tokens"),
+    "token id beyond the vocabulary": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={damaged_data(data, tmp, 'val.bin', token=300)}",
+        f"--out_dir={tmp}"], "holds token id 300, but 'byte' has 257 tokens"),
+    "token files from another run": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={damaged_data(data, tmp, cut=64)}", f"--out_dir={tmp}"],
+        "the files are from different runs"),
+    "meta.json not JSON": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={damaged_data(data, tmp, meta_text='{vocab')}",
+        f"--out_dir={tmp}"], "meta.json is damaged"),
+    "meta.json not a dict": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={damaged_data(data, tmp, meta_text='[257]')}",
+        f"--out_dir={tmp}"], "meta.json is damaged"),
+    "checkpoint replaced by a folder": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={os.path.dirname(folder_named(tmp / 'ckpt.pt'))}"],
+        "is not a file"),
+    "checkpoint replaced by another kind of file": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={other_checkpoint(out, tmp, replace_by={'rows': torch.ones(2)})}"],
+        "does not hold a FoldGPT"),
+    "checkpoint with the weights alone, resumed": (lambda tmp, data, out: [
+        "train.py", *TINY_RUN, f"--data_dir={data}", "--init_from=resume", "--max_iters=1000",
+        f"--out_dir={other_checkpoint(out, tmp, drop=('optimizer', 'rng'))}"],
+        "holds a model but not the training state resume needs (optimizer"),
+    "state file replaced by a folder": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={out}", f"--state_in={folder_named(tmp / 's')}"],
+        "is not a file"),
+    "prompt file replaced by a folder": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={out}", f"--prompt=FILE:{folder_named(tmp / 'p')}"],
+        "is not a file"),
+    # machines that lie
+    "cuda asked for, none there (train)": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}", "--device=cuda", f"--out_dir={tmp}"],
+        "--device=cuda, but CUDA is not available"),
+    "cuda asked for, none there (sample)": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={out}", "--device=cuda"], "--device=cuda, but CUDA is not"),
+    "a device torch does not know": (lambda tmp, data, out: [
+        "eval.py", f"--out_dir={out}", "--device=gpu"], "not a device torch knows"),
 }
 
 
@@ -345,6 +414,49 @@ def test_bad_input_is_one_line_exit_2_and_damages_nothing(trained, tmp_path, cas
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert says in err
     assert files_under(data, out, tmp_path) == before
+
+
+def full_disk(obj, f):
+    """torch.save on a disk that fills up: part of the file is written, then the write fails."""
+    f.write(b"PK\x03\x04 part of a file")
+    raise OSError(28, "No space left on device")
+
+
+def copy_out(out, tmp):
+    os.makedirs(tmp / "out")
+    (tmp / "out" / "ckpt.pt").write_bytes(open(os.path.join(out, "ckpt.pt"), "rb").read())
+    return str(tmp / "out")
+
+
+# Each case: its command line from (tmp folder, data, trained out), and what the line must say.
+WRITE_FAILS = {
+    "train: the disk fills while the checkpoint is written": (lambda tmp, data, out: [
+        "train.py", *TINY_RUN, f"--data_dir={data}", "--init_from=resume", "--max_iters=100",
+        f"--out_dir={copy_out(out, tmp)}"], "No space left on device); the previous one is"),
+    "sample: the disk fills while the state file is written": (lambda tmp, data, out: [
+        "sample.py", f"--out_dir={out}", "--max_new_tokens=3", f"--state_out={tmp / 'a.state'}"],
+        "No space left on device); none was there before"),
+    "prepare: the output folder cannot be made": (lambda tmp, data, out: [
+        "prepare_data.py", "--size=5000", f"--out_dir={new_file(tmp / 'f', 'x') / 'data'}"],
+        "cannot write the data to"),
+}
+
+
+@pytest.mark.parametrize("case", WRITE_FAILS)
+def test_a_write_that_fails_is_one_line_exit_1_and_keeps_what_was_saved(trained, tmp_path,
+                                                                         case, capsys,
+                                                                         monkeypatch):
+    data, out, _ = trained
+    monkeypatch.chdir(HERE)
+    monkeypatch.setattr(torch, "save", full_disk)
+    make_args, says = WRITE_FAILS[case]
+    args = make_args(tmp_path, data, out)
+    before = files_under(data, out, tmp_path)
+    code, _, err = run_here(capsys, *args)
+    assert code == 1, err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert says in err
+    assert files_under(data, out, tmp_path) == before  # the old checkpoint whole, no .tmp left
 
 
 def test_sampling_options_out_of_range_are_fixed_and_said_once(trained):

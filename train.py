@@ -40,8 +40,7 @@ class TrainConfig:
     window: int = 32  # W: new tokens per window
     n_state: int = 96  # S: carried rows per layer (0: a plain GPT with a W-token context)
     n_mem: int = -1  # M: of the S rows, memory rows kept for their keep score; -1: S // 3
-    mem_cost: float = 0.01  # a cost on the carried rows' keep probability (sigmoid of the
-    #                        keep score), so that only the rows whose reading pays it stay
+    mem_cost: float = 0.01  # a cost on keeping carried rows: a row stays if reading it pays
     keep_init: float = 2.0  # the keep score's bias at first (> 0: every row is kept)
     token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
@@ -61,10 +60,8 @@ class TrainConfig:
     learning_rate: float = 2e-3  # peak learning rate
     min_lr: float = 2e-4  # learning rate at the end of the cosine
     warmup_iters: int = 100  # linear warmup steps
-    recall_warmup: int = 300  # first steps whose loss counts only the recall targets, where
-    #                           the data marks them (the built-in corpus does): docs/design.md
-    recall_every: int = 2  # after recall_warmup, every recall_every-th step counts only the
-    #                        recall targets too, so the memory keeps learning what to keep (0: none)
+    recall_warmup: int = 300  # first steps whose loss counts only the recall targets the data marks
+    recall_every: int = 2  # then every recall_every-th step counts them alone again (0: never)
     weight_decay: float = 0.1  # on matrices and embeddings only, decoupled (AdamW)
     beta1: float = 0.9  # AdamW's decay of the gradient's running mean
     beta2: float = 0.99  # AdamW's decay of the squared gradient's running mean
@@ -75,8 +72,7 @@ class TrainConfig:
     log_interval: int = 25  # steps between progress lines
     # system
     device: str = "auto"  # 'auto' picks cuda, then mps, then cpu
-    dtype: str = "auto"  # 'auto': bfloat16 on CUDA (float16 where bf16 is missing), float32
-    #                      elsewhere; or 'float32', 'bfloat16', 'float16' (CUDA only)
+    dtype: str = "auto"  # 'auto': bfloat16 on CUDA (else float16), float32 elsewhere; or a name
     compile: bool = False  # torch.compile each block (slow to start, faster on GPUs)
     dry_run: bool = False  # print the model's size and the memory estimate, then stop
     seed: int = 1337  # seeds the weights, dropout and the memory's admission in training
@@ -104,9 +100,6 @@ class StreamLoader:
         self.span = span  # tokens per stream per step: bptt * W
         self.tokens = len(data)
         self.pos = 0  # where each stream reads next
-
-    def steps_per_pass(self):
-        return (self.stream_len - 1) // self.span
 
     def next(self, recall_only=False):
         """x, y (streams, span) int64, and whether the streams just started over from the top.
@@ -182,7 +175,7 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
         # stop at the step boundary (truncated BPTT), so memory stays O(bptt) windows however
         # long the stream, while the context itself flows forward without bound.
         states.append(after.rows.detach())
-    if start is not None:
+    if start is not None and start.grad is not None:
         if isinstance(model, DDP):  # averaged across processes, as DDP does the others
             dist.all_reduce(start.grad)
             start.grad /= dist.get_world_size()
@@ -205,7 +198,7 @@ def evaluate(model, loader, iters, ctx):
     model.eval()
     device = model.lm_head.weight.device
     loader.pos, state, losses = 0, None, []
-    for _ in range(min(iters, loader.steps_per_pass())):
+    for _ in range(min(iters, (loader.stream_len - 1) // loader.span)):  # at most one pass
         x, y, _ = loader.next()
         with ctx:
             _, loss, state = model(x.to(device), state, y.to(device))
@@ -252,10 +245,19 @@ def build(cfg, meta, procs, ckpt_path):
     if ckpt["model_args"] != asdict(model_args) or ckpt["meta"]["tokenizer"] != meta["tokenizer"]:
         fail(f"{ckpt_path} was trained with another model or tokenizer than this config and "
              f"{cfg.data_dir} give: resume with the settings it was trained with")
+    optimizer = make_optimizer(model, cfg, procs.device_type)
+    missing = sorted({"iter_num", "best_val_loss", "train_pos", "train_streams", "train_state",
+                      "rng", "rank_rng"} - ckpt.keys())
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, ValueError, TypeError):
+        missing.insert(0, "optimizer")
+    if missing:
+        fail(f"{ckpt_path} holds a model but not the training state resume needs "
+             f"({', '.join(missing)}): resume from a checkpoint train.py wrote, or train anew "
+             "with --init_from=scratch")
     if ckpt["iter_num"] >= cfg.max_iters:
         fail(f"{ckpt_path} is at iter {ckpt['iter_num']} already: give a larger --max_iters")
-    optimizer = make_optimizer(model, cfg, procs.device_type)
-    optimizer.load_state_dict(ckpt["optimizer"])
     return model, optimizer, ckpt
 
 
@@ -338,8 +340,7 @@ def train(cfg):
         procs.close()
         return []
     # Ctrl-C asks the loop to stop after the step under way, so the checkpoint is a whole step.
-    # (Under torchrun, torchrun itself handles Ctrl-C and stops every process: resume from the
-    # last checkpoint.)
+    # (Under torchrun, torchrun handles Ctrl-C: resume from the last checkpoint.)
     interrupted = []
     old_handler = None if procs.ddp else signal.signal(signal.SIGINT,
                                                        lambda *_: interrupted.append(True))
