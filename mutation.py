@@ -48,10 +48,11 @@ name = "local"
 
 
 def copy_project(folder):
-    """The files test_model.py needs, copied into folder."""
+    """The files test_model.py reads, copied into folder: the code, the presets, the design."""
     for name in os.listdir(HERE):
         if name.endswith(".py"):
             shutil.copy(os.path.join(HERE, name), folder)
+    shutil.copytree(os.path.join(HERE, "config"), os.path.join(folder, "config"))
     os.makedirs(os.path.join(folder, "docs"))
     shutil.copy(os.path.join(HERE, "docs", "design.md"), os.path.join(folder, "docs"))
 
