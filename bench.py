@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from configurator import configure
-from foldgpt import FoldGPT, FoldGPTConfig
+from foldgpt import FoldGPT, FoldGPTConfig, State
 from checkpoints import pick_device
 
 
@@ -153,7 +153,7 @@ def train_figures(cfg, contender, batch_size, bptt, steps, grad_ckpt):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        state = state.detach()
+        state = State(state.rows.detach())  # truncated BPTT, as train.py does
         times.append(time.perf_counter() - t)
     return batch_size * span / statistics.median(times[2:])
 

@@ -95,7 +95,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.cos[P:P + T], self.sin[P:P + T]
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def forward(self, x, before=None, kv=None, bias=None, lend=0):
+    def forward(self, x, before, kv, bias, lend):
         """x (B, T, C): new rows, the first `lend` of which only lend keys and values; kv: those
         of the P rows before, or None; bias (B, M): added to the logits of the first M rows.
         Returns the outputs of the N = T - lend rows that read (B, N, C), and all P + T k, v."""

@@ -74,7 +74,7 @@ def test_causality_within_and_across_windows(config, t):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("config", [*CONFIGS, dict(n_state=0)], ids=[*IDS, "S0"])
 def test_streaming_equivalence_one_call_windows_and_tokens(config):
     model = tiny(**config)
     idx = tokens(22)  # 5 full windows and a partial one
@@ -164,7 +164,7 @@ def test_bfloat16_autocast_stays_within_its_tolerance_of_float32():
 # ---- generate ----------------------------------------------------------------------------
 
 @torch.no_grad()
-@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("config", [*CONFIGS, dict(n_state=0)], ids=[*IDS, "S0"])
 @pytest.mark.parametrize("P", [1, 4, 5, 8])  # 1, W, W + 1 and 2W tokens of prompt
 def test_generate_agrees_with_forward(config, P):
     model = tiny(**config)
@@ -172,6 +172,7 @@ def test_generate_agrees_with_forward(config, P):
     seen = []
     out, _ = model.generate(prompt, 13, temperature=0, on_token=seen.append)
     assert out.shape == (2, P + 13) and torch.equal(out[:, :P], prompt)
+    assert torch.equal(model.generate(prompt, 13, temperature=-1.0)[0], out)  # <= 0: greedy
     assert torch.equal(torch.cat(seen, dim=1), out[:, P:])
     logits, _, _ = model(out)
     assert torch.equal(logits[:, P - 1:-1].argmax(dim=-1), out[:, P:])  # greedy = argmax
@@ -188,13 +189,18 @@ def test_generate_goes_on_from_its_state(config):
         state.pending, first[:, first.size(1) - state.pending.size(1):])
     rest, _ = model.generate(prompt[:, :0], 11, temperature=0, state=state)
     assert torch.equal(torch.cat([first, rest], dim=1), both)
+    r = state.pending.size(1)  # a prompt as long as the pending tokens goes on from them too
+    assert model.generate(both[:, 11:11 + r], 1, temperature=0, state=state)[0].shape == (2, r + 1)
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(prompt[:, :0], 3)  # nothing to go on from
     logits, _, _ = model(both[:, 11:], model(both[:, :11])[2])  # forward goes on from it too
     assert torch.equal(logits[:, :-1].argmax(dim=-1), both[:, 12:])
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("top_k", [None, 5])
-def test_sampling_draws_from_the_distribution_forward_gives(monkeypatch, top_k):
+@pytest.mark.parametrize("temperature, top_k", [(0.7, None), (0.7, 5), (None, None)],
+                         ids=["T0.7", "T0.7-top5", "default"])  # the default temperature is 1
+def test_sampling_draws_from_the_distribution_forward_gives(monkeypatch, temperature, top_k):
     model = tiny(**STAY)
     drawn_from = []
     multinomial = torch.multinomial
@@ -205,11 +211,12 @@ def test_sampling_draws_from_the_distribution_forward_gives(monkeypatch, top_k):
 
     monkeypatch.setattr(torch, "multinomial", record)
     torch.manual_seed(3)
-    out, _ = model.generate(tokens(3), 11, temperature=0.7, top_k=top_k)  # crosses 3 windows
+    chosen = {} if temperature is None else dict(temperature=temperature)
+    out, _ = model.generate(tokens(3), 11, top_k=top_k, **chosen)  # crosses 3 windows
     logits, _, _ = model(out)
     assert len(drawn_from) == 11
     for i, probs in enumerate(drawn_from):
-        want = logits[:, 2 + i] / 0.7
+        want = logits[:, 2 + i] / (temperature or 1.0)
         if top_k is not None:
             kth = want.topk(top_k).values[:, -1:]
             want = want.masked_fill(want < kth, float("-inf"))
@@ -256,6 +263,20 @@ def test_carried_rows_evolve_by_the_gate_and_stay_as_written_at_0():
     # where no row stays through a whole window there is nothing to gate, and no parameter
     # that a step would leave without a gradient
     assert not hasattr(tiny(n_state=4).transformer.h[0], "evolve")
+
+
+@torch.no_grad()
+def test_staying_rows_read_every_carried_row_before_them_and_none_after():
+    model = tiny()  # S=8, W=4: carried rows 0-3 make way (lend), rows 4-7 stay and are evolved
+    state = random_state(model)
+    _, _, base = model(tokens(4), state)
+    for j in range(8):
+        changed = State(state.rows.clone())
+        changed.rows[:, 0, j] = torch.randn(2, 16)  # one carried row of layer 0
+        _, _, after = model(tokens(4), changed)
+        for i in range(4):  # the staying row in slot 4 + i, evolved, is row i of the next state
+            moved = not torch.allclose(after.rows[:, 0, i], base.rows[:, 0, i], atol=1e-6)
+            assert moved == (j <= 4 + i), (j, i)
 
 
 @torch.no_grad()
@@ -376,7 +397,7 @@ def test_defaults_are_the_quick_start_model():
 def test_config_check_refuses_sizes_that_cannot_work():
     for bad in (dict(window=0), dict(n_state=-1), dict(n_state=8, n_mem=9), dict(n_layer=0),
                 dict(vocab_size=0), dict(n_embd=30), dict(n_embd=12, n_head=4),
-                dict(dropout=1.0), dict(dropout=-0.1)):
+                dict(dropout=1.0), dict(dropout=1.5), dict(dropout=-0.1)):
         with pytest.raises(ValueError):
             FoldGPTConfig(**{**TINY, **bad}).check()
     for good in (dict(window=1), dict(n_state=8, n_mem=8), dict(n_layer=1, n_head=1),
@@ -404,6 +425,7 @@ def test_initialisation_is_gpt2s():
     for name, p in model.named_parameters():
         if name.endswith("c_proj.weight"):  # residual projections: 0.02 / sqrt(2 L)
             assert abs(p.std().item() / (0.02 / 4) - 1) < 0.05, name
+            assert abs(p.mean().item()) < 3 * 0.005 / p.numel() ** 0.5, name
         elif name.endswith("keep.bias"):
             assert torch.all(p == 2.0)  # keep_init: at first every row enters the memory
         elif name.endswith("evolve"):

@@ -7,6 +7,8 @@ invariants are in test_model.py.
     python -m pytest -q                      # both files: what CI runs
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -184,8 +186,8 @@ def test_training_loss_falls_and_the_checkpoint_loads(trained):
 
 def test_sample_script_prints_a_continuation(trained):
     _, out, _ = trained
-    result = run("sample.py", f"--out_dir={out}", "--prompt=The pass key is",
-                 "--max_new_tokens=40", "--temperature=0")
+    result = run_in("sample.py", f"--out_dir={out}", "--prompt=The pass key is",
+                    "--max_new_tokens=40", "--temperature=0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("The pass key is") and len(result.stdout) > 40
 
@@ -385,31 +387,34 @@ BAD_INPUT = {
 }
 
 
-def run_here(capsys, script, *args):
-    """Run a script in this process as `python script args` runs it (torch is loaded once, not
-    once per case): its exit code, and what it printed to stdout and stderr. An exception that
-    the script lets out, which would be a traceback, fails the test."""
-    argv, sys.argv = sys.argv, [script, *args]
+def run_in(script, *args):
+    """Run a script in this process as `python script args` runs it, torch loaded once rather
+    than once per run: its exit code and what it printed, as subprocess.run gives them. An
+    exception that the script lets out, which would be a traceback, fails the test."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, cwd, sys.argv = sys.argv, os.getcwd(), [script, *args]
+    os.chdir(HERE)
     try:
-        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(os.path.join(HERE, script), run_name="__main__")
         code = 0
     except SystemExit as e:
         code = e.code
     finally:
         sys.argv = argv
-    printed = capsys.readouterr()
-    return code, printed.out, printed.err
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_input_is_one_line_exit_2_and_damages_nothing(trained, tmp_path, case, capsys,
-                                                          monkeypatch):
+def test_bad_input_is_one_line_exit_2_and_damages_nothing(trained, tmp_path, case, monkeypatch):
     data, out, _ = trained
     monkeypatch.chdir(HERE)
     make_args, says = BAD_INPUT[case]
     args = make_args(tmp_path, data, out)
     before = files_under(data, out, tmp_path)
-    code, _, err = run_here(capsys, *args)
+    result = run_in(*args)
+    code, err = result.returncode, result.stderr
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert says in err
@@ -444,15 +449,15 @@ WRITE_FAILS = {
 
 @pytest.mark.parametrize("case", WRITE_FAILS)
 def test_a_write_that_fails_is_one_line_exit_1_and_keeps_what_was_saved(trained, tmp_path,
-                                                                         case, capsys,
-                                                                         monkeypatch):
+                                                                         case, monkeypatch):
     data, out, _ = trained
     monkeypatch.chdir(HERE)
     monkeypatch.setattr(torch, "save", full_disk)
     make_args, says = WRITE_FAILS[case]
     args = make_args(tmp_path, data, out)
     before = files_under(data, out, tmp_path)
-    code, _, err = run_here(capsys, *args)
+    result = run_in(*args)
+    code, err = result.returncode, result.stderr
     assert code == 1, err
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert says in err
@@ -461,8 +466,8 @@ def test_a_write_that_fails_is_one_line_exit_1_and_keeps_what_was_saved(trained,
 
 def test_sampling_options_out_of_range_are_fixed_and_said_once(trained):
     _, out, _ = trained
-    result = run("sample.py", f"--out_dir={out}", "--prompt=", "--temperature=0",
-                 "--top_k=100000", "--max_new_tokens=20")
+    result = run_in("sample.py", f"--out_dir={out}", "--prompt=", "--temperature=0",
+                    "--top_k=100000", "--max_new_tokens=20")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("greedy") == 1 and result.stderr.count("all of them") == 1
     assert len(result.stdout) > 1  # an empty prompt starts from <|endoftext|>
@@ -476,14 +481,14 @@ def test_text_that_is_not_utf8(tmp_path, monkeypatch):
     assert bytes(read_bins(out).tolist()[:-1]) == raw  # the byte tokenizer keeps every byte
     if os.path.isdir(SHARED_CACHE):
         monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.abspath(SHARED_CACHE))
-        result = run("prepare_data.py", f"--input={tmp_path / 'latin.txt'}", "--tokenizer=gpt2",
-                     f"--out_dir={tmp_path / 'gpt2'}")
+        result = run_in("prepare_data.py", f"--input={tmp_path / 'latin.txt'}",
+                        "--tokenizer=gpt2", f"--out_dir={tmp_path / 'gpt2'}")
         assert result.returncode == 0 and "not valid UTF-8" in result.stdout
 
 
 # ---- never lose work, never run untrusted code ---------------------------------------------
 
-LONG_RUN = TINY_RUN + ["--max_iters=200", "--eval_interval=10", "--eval_iters=1",
+LONG_RUN = TINY_RUN + ["--max_iters=100", "--eval_interval=10", "--eval_iters=1",
                        "--dropout=0.1"]  # dropout: the RNG states must come back too
 
 
@@ -495,7 +500,7 @@ def ckpt_tensors(out):
 
 @pytest.fixture(scope="module")
 def straight(trained, tmp_path_factory):
-    """The 200-step run done in one go, which a stopped and resumed run must match bit for bit."""
+    """The 100-step run done in one go, which a stopped and resumed run must match bit for bit."""
     data, _, _ = trained
     out = str(tmp_path_factory.mktemp("straight"))
     result = run("train.py", *LONG_RUN, f"--data_dir={data}", f"--out_dir={out}")
@@ -514,7 +519,7 @@ def stop_then_resume(data, out, sig):
     rest = proc.stdout.read()
     proc.wait(timeout=60)
     stopped_at, _ = ckpt_tensors(out)
-    assert 20 <= stopped_at < 200, "the run ended before it could be stopped"
+    assert 20 <= stopped_at < 100, "the run ended before it could be stopped"
     resumed = run("train.py", *LONG_RUN, f"--data_dir={data}", f"--out_dir={out}",
                   "--init_from=resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -526,7 +531,7 @@ def test_resume_after_sigkill_is_bit_identical(straight, tmp_path):
     code, _ = stop_then_resume(data, str(tmp_path), signal.SIGKILL)
     assert code == -signal.SIGKILL
     got_iters, got = ckpt_tensors(str(tmp_path))
-    assert got_iters == iters == 200 and len(got) == len(expected)
+    assert got_iters == iters == 100 and len(got) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
@@ -551,7 +556,7 @@ class Trap:
 def test_checkpoint_and_state_files_that_would_run_code_are_refused(tmp_path):
     marker = tmp_path / "pwned"
     torch.save(dict(model=Trap(str(marker))), tmp_path / "ckpt.pt")
-    result = run("sample.py", f"--out_dir={tmp_path}")
+    result = run_in("sample.py", f"--out_dir={tmp_path}")
     assert result.returncode == 2 and "cannot load checkpoint" in result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
 
@@ -560,10 +565,10 @@ def test_state_file_carries_generation_across_runs(trained, tmp_path):
     _, out, _ = trained
     state = str(tmp_path / "a.state")
     greedy = [f"--out_dir={out}", "--temperature=0", "--prompt=The pass key is"]
-    whole = run("sample.py", *greedy, "--max_new_tokens=50")
-    first = run("sample.py", *greedy, "--max_new_tokens=21", f"--state_out={state}")
-    second = run("sample.py", f"--out_dir={out}", "--temperature=0", "--max_new_tokens=29",
-                 f"--state_in={state}")
+    whole = run_in("sample.py", *greedy, "--max_new_tokens=50")
+    first = run_in("sample.py", *greedy, "--max_new_tokens=21", f"--state_out={state}")
+    second = run_in("sample.py", f"--out_dir={out}", "--temperature=0", "--max_new_tokens=29",
+                    f"--state_in={state}")
     assert whole.returncode == first.returncode == second.returncode == 0, second.stderr
     assert first.stdout[:-1] + second.stdout == whole.stdout
     saved = torch.load(state, weights_only=True)
@@ -574,20 +579,20 @@ def test_state_file_carries_generation_across_runs(trained, tmp_path):
 def test_state_file_from_another_model_is_refused(trained, tmp_path):
     _, out, _ = trained
     state = str(tmp_path / "a.state")
-    assert run("sample.py", f"--out_dir={out}", "--max_new_tokens=5",
-               f"--state_out={state}").returncode == 0
+    assert run_in("sample.py", f"--out_dir={out}", "--max_new_tokens=5",
+                  f"--state_out={state}").returncode == 0
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     ckpt["model"]["lm_head.weight"] += 0.01  # the same shape, other weights
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    result = run("sample.py", f"--out_dir={tmp_path}", f"--state_in={state}")
+    result = run_in("sample.py", f"--out_dir={tmp_path}", f"--state_in={state}")
     assert result.returncode == 2 and "made by another model" in result.stderr
 
 
 def test_a_loss_that_blows_up_stops_the_run_and_keeps_the_last_good_checkpoint(trained, tmp_path):
     data, _, _ = trained
-    result = run("train.py", *TINY_RUN, f"--data_dir={data}", f"--out_dir={tmp_path}",
-                 "--learning_rate=1e12", "--warmup_iters=1", "--grad_clip=0",
-                 "--weight_decay=0", "--max_iters=50", "--eval_interval=40")
+    result = run_in("train.py", *TINY_RUN, f"--data_dir={data}", f"--out_dir={tmp_path}",
+                    "--learning_rate=1e12", "--warmup_iters=1", "--grad_clip=0",
+                    "--weight_decay=0", "--max_iters=50", "--eval_interval=40")
     assert result.returncode == 1 and "keeps the last good checkpoint" in result.stderr
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 0  # saved before training began, not overwritten since
@@ -738,9 +743,9 @@ def test_torchrun_two_processes_match_one_process_accumulating(trained, tmp_path
 
 def test_bfloat16_autocast_trains_on_cpu(trained, tmp_path):
     data, _, _ = trained
-    result = run("train.py", *TINY_RUN, f"--data_dir={data}", f"--out_dir={tmp_path}",
-                 "--dtype=bfloat16", "--device=cpu", "--max_iters=20", "--eval_interval=20",
-                 "--grad_ckpt")
+    result = run_in("train.py", *TINY_RUN, f"--data_dir={data}", f"--out_dir={tmp_path}",
+                    "--dtype=bfloat16", "--device=cpu", "--max_iters=20", "--eval_interval=20",
+                    "--grad_ckpt")
     assert result.returncode == 0, result.stderr
     assert "bfloat16" in result.stdout
     losses = logged_losses(result.stdout)
@@ -795,6 +800,25 @@ def test_bench_plot_is_a_png(tmp_path):
     lat = {"FoldGPT": {256: 1.0, 16384: 1.0}, "kv cache": {256: 1.0, 16384: 9.0}}
     assert bench.save_plot(lat, str(tmp_path / "b.png"))
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_times_every_contender_on_a_tiny_model():
+    import bench
+    cfg = bench.BenchConfig(n_embd=32, n_layer=1, n_head=2, device="cpu")
+    for contender in ("FoldGPT", "crop", "kv cache"):
+        model = bench.model_for(cfg, contender, 200).eval()
+        gaps = bench.sampler(model, contender, torch.randint(0, 257, (1, 100)))(5)
+        assert len(gaps) == 4 and all(g > 0 for g in gaps)
+    for grad_ckpt in (False, True):  # tokens per second of a few training steps
+        assert bench.train_figures(cfg, "FoldGPT", 2, 2, 4, grad_ckpt) > 0
+
+
+def test_probe_trains_each_design_it_compares():
+    import probe
+    cfg = probe.ProbeConfig(task="recall", batch_size=2, max_steps=2, n_layer=1, n_embd=32,
+                            n_head=2, target=-1.0)  # a loss never below -1: every step runs
+    for design in (dict(), dict(reset_state=True), dict(every_byte=True), dict(token_shift=0)):
+        assert probe.steps_to_learn(cfg, cfg.window, cfg.n_state, **design) is None
 
 
 @pytest.mark.parametrize("digits", [1, 5])
