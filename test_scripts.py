@@ -733,11 +733,11 @@ def test_torchrun_two_processes_match_one_process_accumulating(trained, tmp_path
     assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-4) for k in a["model"])
     # The 2-process checkpoint resumes in one process with the same 4 streams, and in one
     # process reading 2 streams, which starts the carried states afresh.
-    same = run("train.py", *args, "--grad_accum=2", "--max_iters=10", "--init_from=resume",
-               f"--out_dir={tmp_path / 'two'}")
+    same = run_in("train.py", *args, "--grad_accum=2", "--max_iters=10", "--init_from=resume",
+                  f"--out_dir={tmp_path / 'two'}")
     assert same.returncode == 0 and "start afresh" not in same.stdout, same.stderr
-    other = run("train.py", *args, "--max_iters=12", "--init_from=resume",
-                f"--out_dir={tmp_path / 'two'}")
+    other = run_in("train.py", *args, "--max_iters=12", "--init_from=resume",
+                   f"--out_dir={tmp_path / 'two'}")
     assert other.returncode == 0 and "start afresh" in other.stdout, other.stderr
 
 
