@@ -409,7 +409,7 @@ class FoldGPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None,
                  on_token=None):
         """Continue idx (B, P) by max_new_tokens tokens, calling on_token(tok) with each (B, 1)
-        as it is made; temperature 0 picks the likeliest token. Returns idx with the new tokens
+        as it is made; temperature <= 0 picks the likeliest. Returns idx with the new tokens
         (B, P + new) and the State after them, to go on from. Sampling runs in eval mode (the
         memory admits by its threshold, not by training's random draws); the mode is restored."""
         W, P = self.config.window, idx.size(1)
