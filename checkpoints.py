@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from configurator import fail
 from foldgpt import FoldGPT, FoldGPTConfig
+from prepare_data import TOKENIZER_VOCAB
 
 
 def pick_device(name):
@@ -101,7 +102,7 @@ def load_checkpoint(out_dir, device):
     try:
         model = FoldGPT(FoldGPTConfig(**ckpt["model_args"]))
         model.load_state_dict(ckpt["model"])
-        if ckpt["meta"]["tokenizer"] not in ("byte", "gpt2"):  # sample.py and eval.py need it
+        if ckpt["meta"]["tokenizer"] not in TOKENIZER_VOCAB:  # sample.py and eval.py need it
             raise ValueError(ckpt["meta"]["tokenizer"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         fail(f"checkpoint {path} does not hold a FoldGPT this code can build "
