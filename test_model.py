@@ -19,8 +19,9 @@ TINY = dict(vocab_size=32, window=4, n_state=8, n_mem=0, n_layer=2, n_head=2, n_
 MEMORY = dict(n_state=10, n_mem=6)  # 6 memory rows and 4 recent rows per layer
 SHIFT3 = dict(token_shift=3, **MEMORY)  # keys read 3 rows back, across memory and windows
 STAY = dict(n_state=12, n_mem=4)  # 4 memory rows and 8 recent rows: 4 stay through a window
-CONFIGS = [dict(), MEMORY, SHIFT3, STAY]
-IDS = ["S8", "mem", "shift3", "mem+stay"]
+BY_CONTEXT = dict(keep_layer=1, **MEMORY)  # the second layer's rows decide for both layers
+CONFIGS = [dict(), MEMORY, SHIFT3, STAY, BY_CONTEXT]
+IDS = ["S8", "mem", "shift3", "mem+stay", "by-context"]
 
 
 def tiny(**changes):
@@ -29,7 +30,7 @@ def tiny(**changes):
     for block in model.transformer.h:
         if hasattr(block, "evolve"):
             block.evolve.data.fill_(0.5)  # 0 at init: make the tests see the carried rows evolve
-        if model.config.n_mem:
+        if hasattr(block, "keep"):
             block.keep.bias.data.fill_(0.05)  # about half the rows enter the memory
     return model
 
@@ -59,8 +60,8 @@ def logits_token_by_token(model, idx):
 
 # ---- causality and streaming -----------------------------------------------------------------
 
-@pytest.mark.parametrize("config", [dict(), dict(n_state=0), MEMORY, SHIFT3, STAY],
-                         ids=["S8", "S0", "mem", "shift3", "mem+stay"])
+@pytest.mark.parametrize("config", [dict(), dict(n_state=0), MEMORY, SHIFT3, STAY, BY_CONTEXT],
+                         ids=["S8", "S0", "mem", "shift3", "mem+stay", "by-context"])
 @pytest.mark.parametrize("t", [0, 3, 4, 6, 9, 13])
 def test_causality_within_and_across_windows(config, t):
     model = tiny(**config)
@@ -498,6 +499,39 @@ def test_the_memory_holds_the_last_admitted_rows_in_stream_order():
     model.transformer.h[0].keep.bias.fill_(-100.0)
     _, _, state = model(idx)
     assert torch.equal(state.rows[:, 0, :6], model.state0[0, :6].expand(2, -1, -1))
+
+
+@torch.no_grad()
+def test_with_keep_layer_a_rows_admission_depends_on_its_context():
+    idx = tokens(4, batch=1)  # one window
+    other = idx.clone()
+    other[0, 2] = (other[0, 2] + 1) % TINY["vocab_size"]  # another token before token 3 only
+    for keep_layer, differs in ((-1, False), (1, True)):
+        model = tiny(**MEMORY, keep_layer=keep_layer)
+        scores = []
+        for x in (idx, other):
+            window = model.open_window(model.initial_state(1).rows, 4)
+            model.step(x, window)
+            scores.append(model.keep_scores(window.inputs)[:, 0])  # (1, 4)
+        assert scores[0].size(0) == 1 and torch.equal(scores[0][:, :2], scores[1][:, :2])
+        assert torch.equal(scores[0][:, 3], scores[1][:, 3]) != differs  # token 3: the same
+
+
+@torch.no_grad()
+def test_with_keep_layer_every_layer_remembers_the_positions_that_layer_chose():
+    model = tiny(**BY_CONTEXT)  # layer 1 decides; layer 0's rows are the token embeddings
+    decided, admit = [], model.admit
+    model.admit = lambda block, rows: decided.append((block, admit(block, rows))) or decided[-1][1]
+    idx = tokens(64)  # 16 windows
+    _, _, state = model(idx)
+    assert len(decided) == 16 and all(b is model.transformer.h[1] for b, _ in decided)
+    keep = torch.cat([d for _, d in decided], dim=1)  # (B, pushed out): [4 initial ; tokens]
+    assert 0 < keep.float().mean() < 1
+    wte = model.transformer.wte.weight
+    for b in range(2):
+        admitted = [t for t, k in zip(idx[b, :-4].tolist(), keep[b, 4:].tolist()) if k]
+        assert len(admitted) >= 6
+        assert torch.equal(state.rows[b, 0, :6], wte[admitted[-6:]])  # layer 1's choice, in order
 
 
 @torch.no_grad()

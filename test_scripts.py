@@ -21,6 +21,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 import checkpoints
 import prepare_data
@@ -67,24 +68,73 @@ def test_gpt2_tokenizer_works_offline_from_the_cache(tmp_path, monkeypatch):
     assert read_bins(tmp_path).tolist() == [15496, 995, 50256]
 
 
-def test_passkey_corpus_asks_for_keys_stated_earlier_at_many_distances():
-    docs = prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=7)
-    assert docs == prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=7)
-    assert docs != prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=8)
-    distances, between = [], set()
-    for doc in docs:
-        stated = [(m.end(), m.group(1)) for m in re.finditer(
-            r"The pass key is #(\d+)\. Remember it\. ([^#]*)#\1 is the pass key\.", doc)]
-        between |= {m.group(1) for m in re.finditer(r"Remember it\. ([^#]*)#", doc)}
-        asked = [(m.start(), m.group(1)) for m in re.finditer(
-            r"What is the pass key\? The pass key is #(\d+)\.", doc)]
-        assert len(stated) == len(asked) >= 1 and doc.count("#") == 3 * len(stated)
+KEY = re.compile(r"The pass key is (#?)(\d+)\. Remember it\. (.*?)\1\2 is the pass key\.",
+                 re.DOTALL)
+ASKED = re.compile(r"What is the pass key\? The pass key is (#?)(\d+)\.\n")
+
+
+@pytest.mark.parametrize("prose_share,unmarked", [(0.0, 0.0), (0.75, 0.5)],
+                         ids=["built-in", "prose-mix"])
+def test_passkey_corpus_asks_for_keys_stated_earlier_at_many_distances(prose_share, unmarked):
+    mix = dict(prose_share=prose_share, unmarked=unmarked)
+    docs = prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=7, **mix)
+    assert docs == prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=7, **mix)
+    assert docs != prepare_data.passkey_corpus(size=200_000, max_gap=2048, seed=8, **mix)
+    distances, between, marked, in_prose = [], set(), [], []
+    for doc, spans in docs:
+        stated = [(m.end(), m.group(2)) for m in KEY.finditer(doc)]
+        between |= {m.group(3) for m in KEY.finditer(doc)}
+        asked = [(m.start(), m.group(2)) for m in ASKED.finditer(doc)]
+        assert len(stated) == len(asked) >= 1
         for (said_at, key), (asked_at, answer) in zip(stated, asked):
             assert answer == key and asked_at > said_at
             distances.append(asked_at - said_at)
+        # the recall targets: each key's digits said again, the repeat and the answer
+        assert [doc[a:b] for a, b in spans] == [k for _, k in stated for _ in range(2)]
+        marked.append(doc.count("#") == 3 * len(stated))
+        assert marked[-1] or "#" not in doc  # a document says all its keys one way
+        in_prose.append(not doc.replace(prepare_data.INTRO, "").startswith(tuple(
+            prepare_data.FILLER)) and "The grass is green." not in doc)
     assert "" in between and len(between) > 5  # the repeat comes at many distances too
     assert min(distances) < 32 and max(distances) > 32 * 32  # windows of 32 bytes
-    assert sorted(distances)[len(distances) // 2] < 32 * 4  # half of them within 4 windows
+    assert sorted(distances)[len(distances) // 2] < 32 * 5  # half within 5 windows (facts add)
+    assert abs(np.mean(marked) - (1 - unmarked)) < 0.1  # the mix asked for
+    assert abs(np.mean(in_prose) - prose_share) < 0.1
+
+
+def test_prose_documents_read_the_training_part_with_numbers_sown_in():
+    train_part, held_out = prepare_data.prose("train"), prepare_data.prose("held-out")
+    assert len(held_out) > 100_000 and train_part[-200:] not in held_out
+    rng = np.random.default_rng(0)
+    unseen = [held_out[i:i + 40] for i in rng.integers(0, len(held_out) - 40, 300)]
+    unseen = [u for u in unseen if u not in train_part]
+    assert len(unseen) > 250  # the held-out part says things the training part does not
+    texts = ["".join(d for d, _ in prepare_data.passkey_corpus(100_000, 1024, 5, part, 1.0))
+             for part in ("train", "held-out")]
+    assert not any(u in texts[0] for u in unseen)  # no training document reads the held-out
+    assert any(u in texts[1] for u in unseen)  # the val documents do
+    # between the keys, the prose brings other numbers: some in the key's own shape
+    prose_docs = [d for d, _ in prepare_data.passkey_corpus(100_000, 1024, 5, "train", 1.0, 1.0)]
+    numbers = re.findall(r"\d+", KEY.sub("", ASKED.sub("", "".join(prose_docs))))
+    assert len(numbers) > 150 and len({len(n) for n in numbers}) == 5  # 1 to 5 digits
+    assert re.search(r"The (door code|room number|price|year|count|tally) is \d+\. ",
+                     "".join(prose_docs))
+
+
+def test_a_haystack_sows_a_fact_every_60_to_180_characters_at_word_ends():
+    import random
+    text = prepare_data.prose("held-out")
+    hay = prepare_data.Haystack(random.Random(3), text)
+    taken = hay.take(20_000)
+    assert len(taken) >= 20_000 and taken[-1].isspace()
+    pieces = re.split(r"\S*\d[\d,]*\S*", taken)  # the prose between the facts' numbers
+    assert max(len(p) for p in pieces) < 180 + 80  # a fact at most 180 characters on (+ itself)
+    plain = prepare_data.Haystack(random.Random(3), text, numbers=False).take(5_000)
+    assert plain in text + text[:5_100]  # without numbers: the text as it is, read on
+    assert prepare_data.Haystack(random.Random(3), text).take(0) == ""
+    filler = prepare_data.Haystack(random.Random(3)).take(100)
+    assert len(filler) >= 100 and set(re.split(r"(?<=\.) ", filler.strip())) <= {
+        f.strip() for f in prepare_data.FILLER}
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
@@ -94,23 +144,25 @@ def test_recall_marks_sit_on_the_keys_said_again(tmp_path, monkeypatch, tokenize
             pytest.skip("no tiktoken cache beside the repo")
         monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.path.abspath(SHARED_CACHE))
     out = prepare_data.prepare(prepare_data.PrepareConfig(size=20_000, out_dir=str(tmp_path),
-                                                          tokenizer=tokenizer))
+                                                          tokenizer=tokenizer, prose=0.75,
+                                                          unmarked=0.5))
     enc = prepare_data.get_tokenizer(tokenizer)
     ids = np.fromfile(os.path.join(out, "val.bin"), dtype=np.uint16)
     marks = np.fromfile(os.path.join(out, "val_recall.bin"), dtype=np.uint8)
-    docs = prepare_data.passkey_corpus(2_000, 1024, 1337 + 1)
+    docs = prepare_data.passkey_corpus(2_000, 1024, 1337 + 1, "held-out", 0.75, 0.5)
     assert len(marks) == len(ids) and ids.tolist() == [
-        t for doc in docs for t in enc.encode_ordinary(doc) + [enc.eot_token]]
+        t for doc, _ in docs for t in enc.encode_ordinary(doc) + [enc.eot_token]]
     edges = np.flatnonzero(np.diff(np.r_[0, marks, 0]))  # where each marked run starts, ends
     said = [enc.decode(ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
-    keys = [k for doc in docs for k in re.findall(r"The pass key is #(\d+)\. Remember", doc)]
-    # exactly the key's digits, no more
-    assert len(keys) >= 2 and said == [k for k in keys for _ in range(2)]
+    keys = [m.group(2) for doc, _ in docs for m in KEY.finditer(doc)]
+    # the tokens of the key's digits, no more (GPT-2's BPE joins a space before a number to it)
+    assert len(keys) >= 2 and said == [(" " if tokenizer == "gpt2" and s.startswith(" ") else "")
+                                       + k for s, k in zip(said, [k for k in keys for _ in "ab"])]
 
 
 def test_recall_warmup_counts_only_the_marked_targets(tmp_path):
     out = prepare_data.prepare(prepare_data.PrepareConfig(size=20_000, out_dir=str(tmp_path)))
-    loader = train.StreamLoader(os.path.join(out, "train.bin"), n_streams=2, span=64)
+    loader = train.StreamLoader(os.path.join(out, "train.bin"), n_streams=2, span=1024)
     x, y, _ = loader.next(recall_only=True)
     loader.pos = 0
     _, y_all, _ = loader.next()
@@ -344,6 +396,14 @@ BAD_INPUT = {
         "n_mem must be at most n_state (8)"),
     "eval without a checkpoint": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={tmp}"], "python train.py"),
+    "eval haystack not there": (lambda tmp, data, out: [
+        "eval.py", f"--out_dir={out}", "--haystack=no/such"], "none of prose, filler, kjv"),
+    "eval wording unknown": (lambda tmp, data, out: [
+        "eval.py", f"--out_dir={out}", "--wording=loud"], "wording must be landmark or marked"),
+    "eval task unknown": (lambda tmp, data, out: [
+        "eval.py", f"--out_dir={out}", "--task=ppl"], "task must be passkey or bpb"),
+    "eval distances not numbers": (lambda tmp, data, out: [
+        "eval.py", f"--out_dir={out}", "--windows=1,x"], "--windows takes whole numbers"),
     # files that lie: damaged on purpose
     "token file cut short": (lambda tmp, data, out: [
         "train.py", f"--data_dir={damaged_data(data, tmp, cut=1)}", f"--out_dir={tmp}"],
@@ -616,19 +676,96 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_old_one_whole(tmp_path, m
 
 # ---- the retention eval --------------------------------------------------------------------
 
-def test_eval_prompts_hold_one_key_at_the_asked_distance():
+@pytest.mark.parametrize("haystack", ["filler", "prose"])
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "landmark"])
+def test_eval_prompts_hold_one_key_at_the_asked_distance(haystack, marked):
     import random
     import eval as passkey
     enc = prepare_data.get_tokenizer("byte")
-    keys, ids = passkey.make_batch(enc, 6, gap=64, window=8, rng=random.Random(3))
+    text = None if haystack == "filler" else passkey.haystack_text("prose")
+    keys, ids = passkey.make_batch(enc, 6, gap=64, window=8, rng=random.Random(3), text=text,
+                                   marked=marked)
     assert ids.shape[0] == 6 and len(set(keys)) == 6
     for key, row in zip(keys, ids.tolist()):
-        text = enc.decode(row)
-        assert text.endswith(prepare_data.KEY_QUESTION) and text.count(str(key)) == 2
-        statement = prepare_data.key_statement(key)
-        between = text[text.index(statement) + len(statement):text.index("What is")]
-        assert 64 <= len(between) < 64 + 25 and str(key) not in between  # filler only
-        assert text.index("<|endoftext|>") < text.index("There is an important info")
+        prompt = enc.decode(row)
+        assert prompt.endswith(prepare_data.question(marked)) and prompt.count(str(key)) == 2
+        assert prompt.endswith("The pass key is" + (" #" if marked else ""))  # Landmark's end
+        statement = prepare_data.key_statement(key, marked=marked)
+        between = prompt[prompt.index(statement) + len(statement):prompt.index("What is")]
+        assert 64 <= len(between) < 64 + 70 and str(key) not in between
+        assert ("#" in prompt) == marked and prompt.index("<|endoftext|>") < prompt.index(
+            "There is an important info")
+        if haystack == "prose":  # held-out text, with numbers sown in
+            assert re.search(r"\d", between.replace(str(key), "")) or len(between) < 180
+            assert not set(prepare_data.FILLER) & set(re.split(r"(?<=\. )", between))
+
+
+def test_the_kjv_and_a_folder_of_text_make_haystacks(tmp_path, monkeypatch):
+    import eval as passkey
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.txt").write_text("Call me Ishmael. " * 100)
+    assert passkey.haystack_text(str(tmp_path / "books")).startswith("Call me Ishmael. ")
+    bible = tmp_path / "site" / "bible"
+    (bible / "data").mkdir(parents=True)
+    (bible / "__init__.py").write_text("")
+    verses = [dict(citation="Genesis 1:1", text="In the beginning God created the heaven."),
+              dict(citation="Genesis 1:2", text="And the earth was without form.")]
+    (bible / "data" / "kjv.jsonl").write_text("".join(json.dumps(v) + "\n" for v in verses))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert passkey.haystack_text("kjv") == ("Genesis 1:1 In the beginning God created the "
+                                            "heaven.\nGenesis 1:2 And the earth was without form.\n")
+
+
+@torch.no_grad()
+def test_eval_shows_which_tokens_the_memory_lets_in():
+    import eval as passkey
+    from test_model import first_layer_scores_by_token
+    model = tiny(**MEMORY)  # R = 4 recent rows
+    first_layer_scores_by_token(model, {3, 5})
+    ids = torch.tensor([3, 1, 5, 2, 9, 3, 7, 7, 5, 1, 3, 2])  # 3 windows
+    flags = passkey.memory_admits(model, ids)
+    assert flags == [t in (3, 5) for t in ids[:8].tolist()]  # the last 4 are still recent
+    assert model.admit.__func__ is type(model).admit  # the method is put back
+
+
+@torch.no_grad()
+def test_a_plain_gpt_is_sampled_and_scored_reading_its_last_block_tokens():
+    import eval as passkey
+    plain = tiny(n_state=0)  # W = 4: a GPT with block 4
+    idx = tokens(10)
+    out, _ = passkey.Cropped(plain).generate(idx, 3)
+    for i in range(3):  # each new token: the argmax after the last 4 tokens
+        expect = plain(out[:, 10 + i - 4:10 + i])[0][:, -1].argmax(-1)
+        assert torch.equal(out[:, 10 + i], expect)
+    docs = tokens(13)  # 12 targets
+    wide = passkey.Cropped(tiny(n_state=0, window=16))  # a block as long as the document
+    full = F.cross_entropy(wide.model(docs[:, :-1])[0].transpose(1, 2), docs[:, 1:],
+                           reduction="none")
+    assert torch.allclose(passkey.token_losses(wide, docs), full, atol=1e-5)
+    fold = tiny(**MEMORY)  # FoldGPT: the whole document, window by window
+    _, mean, _ = fold(docs[:, :-1], None, docs[:, 1:])
+    assert torch.allclose(passkey.token_losses(fold, docs).mean(), mean, atol=1e-6)
+    strided = passkey.token_losses(passkey.Cropped(plain), docs)  # stride 2: 2 to 4 tokens back
+    chunk = plain(docs[:, 4:10])[0]  # targets 6..9 read tokens 4.. before them
+    assert torch.allclose(strided[:, 6:8], F.cross_entropy(
+        chunk[:, 2:4].transpose(1, 2), docs[:, 7:9], reduction="none"), atol=1e-5)
+
+
+def test_eval_runs_both_tasks_on_a_checkpoint(trained, tmp_path):
+    data, out, _ = trained
+    result = run_in("eval.py", f"--out_dir={out}", "--trials=3", "--windows=0,2",
+                    f"--csv={tmp_path / 'e.csv'}", "--plot=", f"--baseline_dir={out}")
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.splitlines()
+    assert "haystack prose with numbers sown in; landmark wording" in table[0]
+    assert re.search(r"memory: lets in \d+ of the \d+ tokens", result.stdout)
+    assert re.match(r" +0 +0 +\d+% +\d+% +\d+%", next(t for t in table if "%" in t))
+    assert open(tmp_path / "e.csv").read().startswith("windows,tokens,FoldGPT,state off,")
+    result = run_in("eval.py", f"--out_dir={out}", "--task=bpb", "--doc_windows=4")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["FoldGPT", "state"] and len(rows[0]) == 1 + 1 + 3
+    assert all(0 < float(v) < 9 for v in rows[0][1:])  # bits per byte: below uniform's 8.0
 
 
 def test_eval_scores_the_exact_key_only():
