@@ -165,13 +165,14 @@ def memory_admits(model, ids):
     """Which tokens of one stream ids (N,) the memory lets in (at the first layer; with
     keep_layer >= 0 every layer lets in the same ones): a list of N bools, for the tokens that
     have left the recent rows by the end of the stream (the rest: not yet decided)."""
-    admitted, admit = [], model.admit
-    decides = model.transformer.h[max(0, model.config.keep_layer)]  # the first layer's decider
+    admitted, admit, calls = [], model.admit, [0]
+    per_fold = 1 if model.config.keep_layer >= 0 else model.config.n_layer  # layer 0's comes first
 
-    def recording(block, rows):
-        keep = admit(block, rows)
-        if block is decides:
+    def recording(score):
+        keep = admit(score)
+        if calls[0] % per_fold == 0:
             admitted.append(keep[0])
+        calls[0] += 1
         return keep
 
     model.admit = recording

@@ -146,7 +146,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One step of time evolution, pre-LayerNorm as in GPT-2."""
 
-    def __init__(self, config, layer=0):
+    def __init__(self, config):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
@@ -156,7 +156,7 @@ class Block(nn.Module):
             # How far each window evolves the carried rows: 0 at first, as written, where tokens
             # learn to read them fastest. (Only where rows stay: else it would get no gradient.)
             self.evolve = nn.Parameter(torch.zeros(()))
-        if config.n_mem and config.keep_layer in (-1, layer):  # the keep score (FoldGPT.admit)
+        if config.n_mem:  # the keep score: how much this layer wants a row (see FoldGPT.admit)
             self.keep = nn.Linear(config.n_embd, 1, bias=True)
         self.token_shift = config.token_shift
 
@@ -190,7 +190,7 @@ class FoldGPTConfig:
     n_state: int = 96  # S: carried rows per layer; 0 makes a plain GPT with a W-token context
     n_mem: int = -1  # M: of the S rows, memory rows kept for their keep score; -1: S // 3
     keep_init: float = 2.0  # the keep score's bias at first (> 0: every row is kept)
-    keep_layer: int = -1  # whose rows decide what the memory keeps: -1 each layer its own; k: layer k's, for all
+    keep_layer: int = -1  # whose rows the keep scores read: -1 each layer its own; k: layer k's, for all
     token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
@@ -264,7 +264,7 @@ class FoldGPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config, l) for l in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -275,7 +275,7 @@ class FoldGPT(nn.Module):
         self.apply(self._init_weights)
         nn.init.normal_(self.state0, mean=0.0, std=0.02)
         for block in self.transformer.h:
-            if hasattr(block, "keep"):  # at first every row enters: it extends the recent rows
+            if config.n_mem:  # at first every row enters the memory: it extends the recent rows
                 nn.init.constant_(block.keep.bias, config.keep_init)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections
             if name.endswith("c_proj.weight"):
@@ -309,10 +309,10 @@ class FoldGPT(nn.Module):
                 mem = mem + block.evolve * (evolved - mem)
             reads.append(mem)
         if M:  # memory rows are read as strongly as their keep score says
-            bias = F.logsigmoid(self.keep_scores(reads))  # (B, L or 1, M)
+            bias = F.logsigmoid(self.keep_scores(reads))  # (B, L, M)
         for l, block in enumerate(self.transformer.h):
             read, recent = reads[l], rows[:, l, M:]  # (B, M, C), (B, R, C)
-            layer_bias = bias[:, min(l, bias.size(1) - 1)] if M else None  # (B, M), <= 0
+            layer_bias = bias[:, l] if M else None  # (B, M), <= 0
             # The memory rows and the rows that make way only lend their keys and values; the
             # recent rows that stay read them and each other: Block l evolves them once more.
             carried = torch.cat([read, recent], dim=1)  # (B, S, C)
@@ -345,20 +345,21 @@ class FoldGPT(nn.Module):
     def fold(self, window):
         """The next rows (B, L, S, C): per layer, the last R of [recent rows ; tokens at layer l]
         stay recent; those pushed out enter the memory if admit lets them (see remember)."""
-        R, k = self.config.n_state - self.config.n_mem, self.config.keep_layer
+        R, L, k = self.config.n_state - self.config.n_mem, self.config.n_layer, self.config.keep_layer
 
         def recent_and_pushed(l):  # (B, R, C) and (B, G, C) of [recent rows ; tokens] at layer l
             layer = torch.cat([window.recent[l], window.inputs[l]], dim=1)  # (B, R+W, C)
             return layer[:, layer.size(1) - R:], layer[:, :layer.size(1) - R]
 
         shared = None
-        if self.config.n_mem and k >= 0:  # one decision for every layer, from layer k's rows
-            shared = self.admit(self.transformer.h[k], recent_and_pushed(k)[1])
+        if self.config.n_mem and k >= 0:  # one decision for all layers: a row enters if any
+            scores = self.keep_scores([recent_and_pushed(k)[1]] * L)  # layer wants it (B, L, G)
+            shared = self.admit(scores.max(dim=1).values)
         rows = []
         for l, block in enumerate(self.transformer.h):
             recent, pushed = recent_and_pushed(l)
             if self.config.n_mem:
-                keep = self.admit(block, pushed) if shared is None else shared  # (B, G)
+                keep = self.admit(block.keep_score(pushed)) if shared is None else shared
                 mem = self.remember(window.mem[l], pushed, keep)  # (B, M, C)
             else:
                 mem = recent[:, :0]
@@ -366,22 +367,21 @@ class FoldGPT(nn.Module):
         return torch.stack(rows, dim=1)  # (B, L, S, C)
 
     def keep_scores(self, rows):
-        """Keep scores of rows: per layer (B, N, C), at the same N stream positions in every
-        layer. keep_layer = -1: each layer scores its own rows, (B, L, N); at layer 0 rows are
-        token embeddings, so there a score is a property of the token. keep_layer = k: layer
-        k's rows, which have read their context through k blocks, score for every layer,
-        (B, 1, N): every layer's memory then holds the same positions."""
+        """(B, L, N): each layer's keep score of N stream positions, given their rows at each
+        layer (a list of (B, N, C)). keep_layer = -1: each layer scores its own rows; at layer
+        0 those are token embeddings, so there a score is a property of the token alone.
+        keep_layer = k: every layer scores the positions' rows at layer k, which have read their
+        context through k blocks; every layer's memory then holds the same positions."""
         k = self.config.keep_layer
-        if k >= 0:
-            return self.transformer.h[k].keep_score(rows[k]).unsqueeze(1)
-        return torch.stack([block.keep_score(rows[l])
-                            for l, block in enumerate(self.transformer.h)], dim=1)
+        if k < 0:
+            return torch.stack([block.keep_score(rows[l])
+                                for l, block in enumerate(self.transformer.h)], dim=1)
+        h = self.transformer.h[k].ln_1(rows[k])  # (B, N, C), as layer k's own keep score reads
+        return torch.stack([block.keep(h).squeeze(-1) for block in self.transformer.h], dim=1)
 
-    def admit(self, block, rows):
-        """(B, G): which rows (B, G, C) pushed out of the recent part enter the memory, by the
-        keep score of `block`: score > 0; in training, with probability sigmoid(score), so a
-        row scored out can learn back up."""
-        score = block.keep_score(rows)
+    def admit(self, score):
+        """Which rows enter the memory, given their keep scores: score > 0; in training, with
+        probability sigmoid(score), so a row scored out can learn back up."""
         if self.training:
             return torch.rand_like(score) < torch.sigmoid(score)
         return score > 0

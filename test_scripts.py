@@ -338,6 +338,8 @@ BAD_INPUT = {
         "unknown tokenizer 'sentencepiece'"),
     "unknown dataset": (lambda tmp, data, out: [
         "prepare_data.py", "--dataset=wiki", f"--out_dir={tmp}"], "unknown dataset 'wiki'"),
+    "prose share above 1": (lambda tmp, data, out: [
+        "prepare_data.py", "--prose=1.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "data missing": (lambda tmp, data, out: [
         "train.py", "--data_dir=no/such/dir", f"--out_dir={tmp}"], "python prepare_data.py"),
     "corpus too small": (lambda tmp, data, out: [
