@@ -299,34 +299,37 @@ class FoldGPT(nn.Module):
     def open_window(self, rows, size):
         """Start a window of size tokens on the carried rows (B, L, S, C), which at each layer
         are [M memory rows ; R = S - M recent rows, oldest first]."""
-        M, K = self.config.n_mem, self.config.token_shift
+        M, K, k = self.config.n_mem, self.config.token_shift, self.config.keep_layer
         G = min(size, self.config.n_state - M)  # the oldest G recent rows make way for the tokens
-        window, reads = Window(), []
+        window, reads = Window(), {}
+
+        def read(l, mem):  # memory rows (B, M, C) of layer l: read one step evolved, from the
+            if l not in reads:  # rows as they entered (once a window)
+                evolved, _ = self.transformer.h[l](mem)  # each reading the older memory rows
+                reads[l] = mem + self.transformer.h[l].evolve * (evolved - mem)
+            return reads[l]
+
         for l, block in enumerate(self.transformer.h):
-            mem = rows[:, l, :M]  # (B, M, C)
-            if M:  # memory rows: read one step evolved, always from the rows as they entered
-                evolved, _ = block(mem)  # (B, M, C), each reading the older memory rows
-                mem = mem + block.evolve * (evolved - mem)
-            reads.append(mem)
-        if M:  # memory rows are read as strongly as their keep score says
-            bias = F.logsigmoid(self.keep_scores(reads))  # (B, L, M)
-        for l, block in enumerate(self.transformer.h):
-            read, recent = reads[l], rows[:, l, M:]  # (B, M, C), (B, R, C)
-            layer_bias = bias[:, l] if M else None  # (B, M), <= 0
+            mem, recent = rows[:, l, :M], rows[:, l, M:]  # (B, M, C), (B, R, C)
+            read_l, bias = mem, None
+            if M:  # read as strongly as this layer's keep score says (<= 0), of layer k's rows
+                read_l = read(l, mem)
+                scored = read_l if k < 0 else read(k, rows[:, k, :M])
+                bias = F.logsigmoid(self.keep_score(l, scored))  # (B, M)
             # The memory rows and the rows that make way only lend their keys and values; the
             # recent rows that stay read them and each other: Block l evolves them once more.
-            carried = torch.cat([read, recent], dim=1)  # (B, S, C)
+            carried = torch.cat([read_l, recent], dim=1)  # (B, S, C)
             kv, stay = None, recent[:, G:]  # (B, R-G, C)
             if carried.size(1):
-                out, kv = block(carried, None, layer_bias, None, lend=M + G)  # (B, R-G, C)
+                out, kv = block(carried, None, bias, None, lend=M + G)  # (B, R-G, C)
                 if not self.config.evolve_gate:  # fully evolved
                     stay = out
                 elif hasattr(block, "evolve"):  # by the gate's share (no gate: no row stays)
                     stay = stay + block.evolve * (out - stay)
             window.kv.append(kv)
             window.tail.append(last_rows(carried, K))
-            window.mem.append(rows[:, l, :M])
-            window.bias.append(layer_bias)
+            window.mem.append(mem)
+            window.bias.append(bias)
             window.recent.append(torch.cat([recent[:, :G], stay], dim=1))  # (B, R, C)
             window.inputs.append(recent[:, :0])  # (B, 0, C): no tokens yet
         return window
@@ -353,8 +356,8 @@ class FoldGPT(nn.Module):
 
         shared = None
         if self.config.n_mem and k >= 0:  # one decision for all layers: a row enters if any
-            scores = self.keep_scores([recent_and_pushed(k)[1]] * L)  # layer wants it (B, L, G)
-            shared = self.admit(scores.max(dim=1).values)
+            pushed = recent_and_pushed(k)[1]  # layer wants it
+            shared = self.admit(torch.stack([self.keep_score(l, pushed) for l in range(L)]).amax(0))
         rows = []
         for l, block in enumerate(self.transformer.h):
             recent, pushed = recent_and_pushed(l)
@@ -366,18 +369,20 @@ class FoldGPT(nn.Module):
             rows.append(torch.cat([mem, recent], dim=1))  # (B, S, C)
         return torch.stack(rows, dim=1)  # (B, L, S, C)
 
-    def keep_scores(self, rows):
-        """(B, L, N): each layer's keep score of N stream positions, given their rows at each
-        layer (a list of (B, N, C)). keep_layer = -1: each layer scores its own rows; at layer
-        0 those are token embeddings, so there a score is a property of the token alone.
-        keep_layer = k: every layer scores the positions' rows at layer k, which have read their
-        context through k blocks; every layer's memory then holds the same positions."""
+    def keep_score(self, l, rows):
+        """(B, N): layer l's keep score of N stream positions, from their rows (B, N, C) at layer
+        l (keep_layer = -1; at layer 0 those are token embeddings, so there a score is a
+        property of the token alone), or at layer keep_layer = k, whose rows have read their
+        context through k blocks: then every layer's memory holds the same positions."""
         k = self.config.keep_layer
         if k < 0:
-            return torch.stack([block.keep_score(rows[l])
-                                for l, block in enumerate(self.transformer.h)], dim=1)
-        h = self.transformer.h[k].ln_1(rows[k])  # (B, N, C), as layer k's own keep score reads
-        return torch.stack([block.keep(h).squeeze(-1) for block in self.transformer.h], dim=1)
+            return self.transformer.h[l].keep_score(rows)
+        return self.transformer.h[l].keep(self.transformer.h[k].ln_1(rows)).squeeze(-1)
+
+    def keep_scores(self, rows):
+        """[(B, N)] * L: every layer's keep score, given the positions' rows at each layer."""
+        k = self.config.keep_layer
+        return [self.keep_score(l, rows[l if k < 0 else k]) for l in range(self.config.n_layer)]
 
     def admit(self, score):
         """Which rows enter the memory, given their keep scores: score > 0; in training, with

@@ -512,7 +512,7 @@ def test_with_keep_layer_a_rows_admission_depends_on_its_context():
         for x in (idx, other):
             window = model.open_window(model.initial_state(1).rows, 4)
             model.step(x, window)
-            scores.append(model.keep_scores(window.inputs)[:, 0])  # (1, 4)
+            scores.append(model.keep_scores(window.inputs)[0])  # layer 0's, (1, 4)
         assert scores[0].size(0) == 1 and torch.equal(scores[0][:, :2], scores[1][:, :2])
         assert torch.equal(scores[0][:, 3], scores[1][:, 3]) != differs  # token 3: the same
 
@@ -534,9 +534,10 @@ def test_with_keep_layer_a_row_enters_every_layers_memory_if_one_layer_wants_it(
         assert len(admitted) >= 6
         assert torch.equal(state.rows[b, 0, :6], wte[admitted[-6:]])  # in order, at layer 0 too
     rows = [torch.randn(2, 5, 16), torch.randn(2, 5, 16)]  # (B, N, C) at layers 0 and 1
-    scores = model.keep_scores(rows)  # (B, L, N): both layers score layer 1's rows
-    assert torch.equal(scores, model.keep_scores([torch.randn(2, 5, 16), rows[1]]))
-    assert torch.allclose(scores[:, 0], model.transformer.h[0].keep(
+    scores = model.keep_scores(rows)  # both layers score layer 1's rows, (B, N) each
+    assert all(torch.equal(a, b) for a, b in zip(
+        scores, model.keep_scores([torch.randn(2, 5, 16), rows[1]])))
+    assert torch.allclose(scores[0], model.transformer.h[0].keep(
         model.transformer.h[1].ln_1(rows[1])).squeeze(-1))
 
 

@@ -167,9 +167,8 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
             total = loss / A
             if cfg.mem_cost and raw.config.n_mem:  # a cost on keeping: see mem_cost
                 carried = state.rows[streams].detach()  # (B, L, S, C)
-                scores = raw.keep_scores(carried.unbind(1))  # (B, L, S)
-                kept = sum(torch.sigmoid(scores[:, l].contiguous()).mean()
-                           for l in range(scores.size(1)))
+                kept = sum(torch.sigmoid(score).mean() for score in raw.keep_scores(
+                    carried.unbind(1)))
                 total = total + cfg.mem_cost / A * kept
             (total if scaler is None else scaler.scale(total)).backward()
         losses.append(loss.detach())
