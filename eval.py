@@ -46,6 +46,7 @@ import os
 import random
 import re
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -146,9 +147,9 @@ def score(text, key):
 @torch.no_grad()
 def first_layer_keeps(model, enc):
     """Which tokens of the test prompts (two of them, so that all ten digits are in) the first
-    layer's memory lets in, in order of first appearance; and which of the filler's tokens.
-    With keep_layer = -1 the rows entering the first block are the token embeddings, so there
-    whether a row enters (keep score > 0, see FoldGPT.admit) depends on its token alone."""
+    layer's memory lets in, in order of first appearance; and which of the filler's tokens. The
+    rows entering the first block are the token embeddings, so there whether a row enters (keep
+    score > 0, see FoldGPT.admit) depends on its token alone."""
     filler_ids = enc.encode_ordinary("".join(FILLER))
     filler, gap = set(filler_ids), len(filler_ids)  # gap: every filler sentence once
     hay = Haystack(random.Random(0))
@@ -162,17 +163,15 @@ def first_layer_keeps(model, enc):
 
 @torch.no_grad()
 def memory_admits(model, ids):
-    """Which tokens of one stream ids (N,) the memory lets in (at the first layer; with
-    keep_layer >= 0 every layer lets in the same ones): a list of N bools, for the tokens that
-    have left the recent rows by the end of the stream (the rest: not yet decided)."""
-    admitted, admit, calls = [], model.admit, [0]
-    per_fold = 1 if model.config.keep_layer >= 0 else model.config.n_layer  # layer 0's comes first
+    """Which tokens of one stream ids (N,) the first layer's memory lets in: a list of bools,
+    for the tokens that have left the recent rows by the end of the stream (the rest: not yet
+    decided)."""
+    admitted, admit, first = [], model.admit, model.transformer.h[0]
 
-    def recording(score):
-        keep = admit(score)
-        if calls[0] % per_fold == 0:
+    def recording(block, rows):
+        keep = admit(block, rows)
+        if block is first:
             admitted.append(keep[0])
-        calls[0] += 1
         return keep
 
     model.admit = recording
@@ -254,7 +253,7 @@ def save_plot(path, windows, table, names, W, title):
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"haystack between key and question, in windows of {W} tokens (0 at 0.5)")
     ax.set_ylabel("pass keys retrieved, %")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=8)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -300,7 +299,7 @@ def passkey_task(cfg, ckpt, models, device):
     title = (f"{cfg.trials} trials per cell, greedy; haystack {hay}; {cfg.wording} wording; "
              f"{cfg.out_dir}: W={W} S={c.n_state} (memory {c.n_mem}) L={c.n_layer}")
     print("pass-key retrieval, " + title)
-    if c.n_mem and c.keep_layer < 0:
+    if c.n_mem:
         kept, n, kept_filler, n_filler = first_layer_keeps(model, enc)
         print(f"the first layer's memory lets in {len(kept)} of the marked prompts' {n} tokens: "
               f"{' '.join(repr(t) for t in kept) or 'none'}; of the filler's {n_filler}: "

@@ -156,7 +156,7 @@ class Block(nn.Module):
             # How far each window evolves the carried rows: 0 at first, as written, where tokens
             # learn to read them fastest. (Only where rows stay: else it would get no gradient.)
             self.evolve = nn.Parameter(torch.zeros(()))
-        if config.n_mem:  # the keep score: how much this layer wants a row (see FoldGPT.admit)
+        if config.n_mem:  # the keep score: which rows enter the memory (see FoldGPT.admit)
             self.keep = nn.Linear(config.n_embd, 1, bias=True)
         self.token_shift = config.token_shift
 
@@ -190,7 +190,6 @@ class FoldGPTConfig:
     n_state: int = 96  # S: carried rows per layer; 0 makes a plain GPT with a W-token context
     n_mem: int = -1  # M: of the S rows, memory rows kept for their keep score; -1: S // 3
     keep_init: float = 2.0  # the keep score's bias at first (> 0: every row is kept)
-    keep_layer: int = -1  # whose rows the keep scores read: -1 each layer its own; k: layer k's, for all
     token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
@@ -211,9 +210,6 @@ class FoldGPTConfig:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.n_state < 0:
             raise ValueError(f"n_state must be >= 0, got {self.n_state}")
-        if not -1 <= self.keep_layer < self.n_layer:
-            raise ValueError(f"keep_layer must be -1 (each layer decides) or a layer 0.."
-                             f"{self.n_layer - 1}, got {self.keep_layer}")
         if self.n_mem > self.n_state:
             raise ValueError(f"n_mem must be at most n_state ({self.n_state}), got {self.n_mem}: "
                              "give a larger --n_state, a smaller --n_mem, or -1 for S // 3")
@@ -299,26 +295,19 @@ class FoldGPT(nn.Module):
     def open_window(self, rows, size):
         """Start a window of size tokens on the carried rows (B, L, S, C), which at each layer
         are [M memory rows ; R = S - M recent rows, oldest first]."""
-        M, K, k = self.config.n_mem, self.config.token_shift, self.config.keep_layer
+        M, K = self.config.n_mem, self.config.token_shift
         G = min(size, self.config.n_state - M)  # the oldest G recent rows make way for the tokens
-        window, reads = Window(), {}
-
-        def read(l, mem):  # memory rows (B, M, C) of layer l: read one step evolved, from the
-            if l not in reads:  # rows as they entered (once a window)
-                evolved, _ = self.transformer.h[l](mem)  # each reading the older memory rows
-                reads[l] = mem + self.transformer.h[l].evolve * (evolved - mem)
-            return reads[l]
-
+        window = Window()
         for l, block in enumerate(self.transformer.h):
             mem, recent = rows[:, l, :M], rows[:, l, M:]  # (B, M, C), (B, R, C)
-            read_l, bias = mem, None
-            if M:  # read as strongly as this layer's keep score says (<= 0), of layer k's rows
-                read_l = read(l, mem)
-                scored = read_l if k < 0 else read(k, rows[:, k, :M])
-                bias = F.logsigmoid(self.keep_score(l, scored))  # (B, M)
+            read, bias = mem, None
+            if M:  # memory rows: read one step evolved, always from the rows as they entered
+                evolved, _ = block(mem)  # (B, M, C), each reading the older memory rows
+                read = mem + block.evolve * (evolved - mem)
+                bias = F.logsigmoid(block.keep_score(read))  # (B, M), <= 0
             # The memory rows and the rows that make way only lend their keys and values; the
             # recent rows that stay read them and each other: Block l evolves them once more.
-            carried = torch.cat([read_l, recent], dim=1)  # (B, S, C)
+            carried = torch.cat([read, recent], dim=1)  # (B, S, C)
             kv, stay = None, recent[:, G:]  # (B, R-G, C)
             if carried.size(1):
                 out, kv = block(carried, None, bias, None, lend=M + G)  # (B, R-G, C)
@@ -348,45 +337,20 @@ class FoldGPT(nn.Module):
     def fold(self, window):
         """The next rows (B, L, S, C): per layer, the last R of [recent rows ; tokens at layer l]
         stay recent; those pushed out enter the memory if admit lets them (see remember)."""
-        R, L, k = self.config.n_state - self.config.n_mem, self.config.n_layer, self.config.keep_layer
-
-        def recent_and_pushed(l):  # (B, R, C) and (B, G, C) of [recent rows ; tokens] at layer l
-            layer = torch.cat([window.recent[l], window.inputs[l]], dim=1)  # (B, R+W, C)
-            return layer[:, layer.size(1) - R:], layer[:, :layer.size(1) - R]
-
-        shared = None
-        if self.config.n_mem and k >= 0:  # one decision for all layers: a row enters if any
-            pushed = recent_and_pushed(k)[1]  # layer wants it
-            shared = self.admit(torch.stack([self.keep_score(l, pushed) for l in range(L)]).amax(0))
+        R = self.config.n_state - self.config.n_mem
         rows = []
         for l, block in enumerate(self.transformer.h):
-            recent, pushed = recent_and_pushed(l)
-            if self.config.n_mem:
-                keep = self.admit(block.keep_score(pushed)) if shared is None else shared
-                mem = self.remember(window.mem[l], pushed, keep)  # (B, M, C)
-            else:
-                mem = recent[:, :0]
+            layer = torch.cat([window.recent[l], window.inputs[l]], dim=1)  # (B, R+W, C)
+            recent, pushed = layer[:, layer.size(1) - R:], layer[:, :layer.size(1) - R]
+            mem = (self.remember(window.mem[l], pushed, self.admit(block, pushed))
+                   if self.config.n_mem else recent[:, :0])  # (B, M, C)
             rows.append(torch.cat([mem, recent], dim=1))  # (B, S, C)
         return torch.stack(rows, dim=1)  # (B, L, S, C)
 
-    def keep_score(self, l, rows):
-        """(B, N): layer l's keep score of N stream positions, from their rows (B, N, C) at layer
-        l (keep_layer = -1; at layer 0 those are token embeddings, so there a score is a
-        property of the token alone), or at layer keep_layer = k, whose rows have read their
-        context through k blocks: then every layer's memory holds the same positions."""
-        k = self.config.keep_layer
-        if k < 0:
-            return self.transformer.h[l].keep_score(rows)
-        return self.transformer.h[l].keep(self.transformer.h[k].ln_1(rows)).squeeze(-1)
-
-    def keep_scores(self, rows):
-        """[(B, N)] * L: every layer's keep score, given the positions' rows at each layer."""
-        k = self.config.keep_layer
-        return [self.keep_score(l, rows[l if k < 0 else k]) for l in range(self.config.n_layer)]
-
-    def admit(self, score):
-        """Which rows enter the memory, given their keep scores: score > 0; in training, with
-        probability sigmoid(score), so a row scored out can learn back up."""
+    def admit(self, block, rows):
+        """(B, G): which rows (B, G, C) pushed out of the recent part enter the memory: score > 0;
+        in training, with probability sigmoid(score), so a row scored out can learn back up."""
+        score = block.keep_score(rows)
         if self.training:
             return torch.rand_like(score) < torch.sigmoid(score)
         return score > 0

@@ -42,7 +42,6 @@ class TrainConfig:
     n_mem: int = -1  # M: of the S rows, memory rows kept for their keep score; -1: S // 3
     mem_cost: float = 0.01  # a cost on keeping carried rows: a row stays if reading it pays
     keep_init: float = 2.0  # the keep score's bias at first (> 0: every row is kept)
-    keep_layer: int = -1  # whose rows the keep scores read: -1 each layer its own; k: layer k's, for all
     token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
@@ -166,9 +165,9 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
                                        grad_ckpt=cfg.grad_ckpt)
             total = loss / A
             if cfg.mem_cost and raw.config.n_mem:  # a cost on keeping: see mem_cost
-                carried = state.rows[streams].detach()  # (B, L, S, C)
-                kept = sum(torch.sigmoid(score).mean() for score in raw.keep_scores(
-                    carried.unbind(1)))
+                carried = state.rows[streams].detach()
+                kept = sum(torch.sigmoid(block.keep_score(carried[:, l])).mean()
+                           for l, block in enumerate(raw.transformer.h))
                 total = total + cfg.mem_cost / A * kept
             (total if scaler is None else scaler.scale(total)).backward()
         losses.append(loss.detach())
