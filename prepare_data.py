@@ -22,7 +22,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -179,24 +178,21 @@ def passkey_document(rng, max_gap, rounds, haystack, marked=True):
     the key can predict."""
     parts, spans, n = [INTRO], [], len(INTRO)
 
-    def add(text, recall=False):
+    def add(text, recall=None):  # recall: where in text the key said again starts
         nonlocal n
-        if recall:
-            spans.append((n, n + len(text)))
+        if recall is not None:
+            spans.append((n + recall, n + recall + len(key)))
         parts.append(text)
         n += len(text)
 
-    m = "#" if marked else ""
     for _ in range(rounds):
         key = str(rng.randrange(10000, 100000))
         add(haystack.take(rng.randrange(30)))
-        add(f"The pass key is {m}{key}. Remember it. {haystack.take(rng.randrange(48))}{m}")
-        add(key, recall=True)
-        add(" is the pass key. ")
+        statement = key_statement(key, haystack.take(rng.randrange(48)), marked)
+        add(statement, recall=statement.rindex(key))  # the repeat: the last number in it
         add(haystack.take(int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))))
-        add(question(marked) + ("" if marked else " "))
-        add(key, recall=True)
-        add(".\n")
+        asked = question(marked) + ("" if marked else " ")
+        add(f"{asked}{key}.\n", recall=len(asked))
     return "".join(parts), spans
 
 
