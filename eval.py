@@ -343,9 +343,9 @@ def token_losses(model, docs):
     if not isinstance(model, Cropped):
         logits = model(x)[0]
         return F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none")
-    block, out = model.block, torch.zeros(y.shape)
+    block, out = model.block, torch.zeros(y.shape, device=y.device)
     stride = max(1, block // 2)
-    for start in range(0, x.size(1), stride):  # [start - stride, start + stride) scores its end
+    for start in range(0, x.size(1), stride):  # up to `block` tokens; the last `stride` score
         lo = max(0, start + stride - block)
         logits = model.model(x[:, lo:start + stride])[0]
         keep = start - lo  # the tokens before `start` only lend context

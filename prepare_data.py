@@ -213,8 +213,8 @@ def encode_with_targets(enc, doc, spans, sizes=None):
 
 def token_sizes(enc):
     """(n_vocab,) each token's length in bytes (the special tokens: 0)."""
-    special = set(enc.special_tokens_set)
-    return np.array([0 if enc.decode([t]) in special else len(enc.decode_single_token_bytes(t))
+    special = {enc.encode_single_token(s) for s in enc.special_tokens_set}
+    return np.array([0 if t in special else len(enc.decode_single_token_bytes(t))
                      for t in range(enc.n_vocab)])
 
 
@@ -226,9 +226,10 @@ def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=
     rng, docs, n = random.Random(seed), [], 0
     text = prose(part) if prose_share > 0 else None
     while n < size:
-        real = prose_share > 0 and rng.random() < prose_share  # (no draw for a share of 0,
-        haystack = Haystack(rng, text if real else None)  # so the filler-only corpus is the same
-        rounds = rng.randint(1, 8)  # as before there were shares)
+        # A share of 0 draws nothing, so the filler-only corpus is what it was before shares.
+        real = prose_share > 0 and rng.random() < prose_share
+        haystack = Haystack(rng, text if real else None)
+        rounds = rng.randint(1, 8)
         docs.append(passkey_document(rng, max_gap, rounds, haystack,
                                      marked=unmarked == 0 or rng.random() >= unmarked))
         n += len(docs[-1][0])
