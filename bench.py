@@ -153,7 +153,8 @@ def train_figures(cfg, contender, batch_size, bptt, steps, grad_ckpt):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        state = State(state.rows.detach())  # truncated BPTT, as train.py does
+        state = State(state.rows.detach(), None,  # truncated BPTT, as train.py does
+                      None if state.kv is None else state.kv.detach())
         times.append(time.perf_counter() - t)
     return batch_size * span / statistics.median(times[2:])
 

@@ -34,7 +34,7 @@ carried: a plain GPT with a W-token context, the baseline, from the same code.
 
 import math
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn as nn
@@ -52,6 +52,12 @@ def rotate(x, cos, sin):
 def last_rows(x, k):
     """The last k rows of x (B, T, C), or all T of them if there are fewer (k = 0: none)."""
     return x[:, max(0, x.size(1) - k):]
+
+
+@lru_cache(maxsize=64)
+def causal_mask(n, m, offset, device):
+    """(n, m) bool: row i may read columns <= i + offset. Made once per shape, then reused."""
+    return torch.ones(n, m, dtype=torch.bool, device=device).tril(offset)
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,27 +87,36 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("cos", angle.cos(), persistent=False)
         self.register_buffer("sin", angle.sin(), persistent=False)
 
-    def project(self, x, before, P):
-        """Queries, keys and values (B, nh, T, hs) of rows x (B, T, C) at slots P..P+T-1;
-        before (B, T, K*C): the K rows before each, nearest first, or None (see Block.norm)."""
-        B, T, C = x.size()
+    def project(self, x, before):
+        """Queries, keys and values (B, T, C) of rows x (B, T, C), before their slots are turned
+        in; before (B, T, K*C): the K rows before each, nearest first, or None (see Block.norm)."""
+        C = x.size(-1)
         q, k, v = self.c_attn(x).split(C, dim=2)
         if before is not None:
             k = k + self.c_prev(before)
             if before.size(-1) > C:
                 q = q + self.c_prevq(before[..., :-C])
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in (q, k, v))  # each (B, nh, T, hs)
-        cos, sin = self.cos[P:P + T], self.sin[P:P + T]
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        return q, k, v
+
+    def heads(self, t):
+        """(B, T, C) -> (B, nh, T, hs): the heads side by side become a dimension of their own."""
+        B, T, C = t.size()
+        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+    def turn(self, t, P):
+        """Queries or keys t (B, nh, T, hs) turned to the slots P..P+T-1 (rotary)."""
+        return rotate(t, self.cos[P:P + t.size(2)], self.sin[P:P + t.size(2)])
 
     def forward(self, x, before, kv, bias, lend):
         """x (B, T, C): new rows, the first `lend` of which only lend keys and values; kv: those
         of the P rows before, or None; bias (B, M): added to the logits of the first M rows.
-        Returns the outputs of the N = T - lend rows that read (B, N, C), and all P + T k, v."""
+        Returns the outputs of the N = T - lend rows that read (B, N, C), all P + T k, v (turned
+        to their slots, per head), and the new rows' k, v as the state keeps them (B, T, C)."""
         B, T, C = x.size()
         P = 0 if kv is None else kv[0].size(2)
-        q, k, v = self.project(x, before, P)
+        new = self.project(x, before)
+        q, k, v = (self.heads(t) for t in new)  # each (B, nh, T, hs)
+        q, k = self.turn(q, P), self.turn(k, P)
         q, N = q[:, :, lend:], T - lend  # (B, nh, N, hs): the rows that read
         if kv is not None:
             k = torch.cat([kv[0], k], dim=2)  # (B, nh, P+T, hs)
@@ -110,11 +125,10 @@ class CausalSelfAttention(nn.Module):
         # slots <= r: a token reads every carried row of its layer, a carried row no token.
         mask = None  # one row that reads (N == 1, sampling) reads every row: no mask needed
         if N > 1:
-            mask = torch.ones(N, P + T, dtype=torch.bool, device=x.device).tril(P + lend)
+            mask = causal_mask(N, P + T, P + lend, x.device)
         if bias is not None:  # memory rows are read as strongly as their keep score says
-            add = torch.zeros(B, 1, N, P + T, device=x.device, dtype=q.dtype)
-            add[:, 0, :, :bias.size(1)] = bias[:, None, :].to(q.dtype)
-            mask = add if mask is None else add.masked_fill(~mask, float("-inf"))
+            add = F.pad(bias.to(q.dtype), (0, P + T - bias.size(1)))[:, None, None, :]
+            mask = add if mask is None else add.masked_fill(~mask, float("-inf"))  # (B,1,N,P+T)
         if self.fast:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
@@ -126,7 +140,7 @@ class CausalSelfAttention(nn.Module):
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v  # (B, nh, N, hs)
         y = y.transpose(1, 2).contiguous().view(B, N, C)  # (B, N, C): heads side by side
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+        return self.resid_dropout(self.c_proj(y)), (k, v), new[1:]
 
 
 class MLP(nn.Module):
@@ -152,7 +166,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
-        if config.n_mem or (config.evolve_gate and config.n_state - config.n_mem > config.window):
+        if not config.carry_kv and (config.n_mem or (
+                config.evolve_gate and config.n_state - config.n_mem > config.window)):
             # How far each window evolves the carried rows: 0 at first, as written, where tokens
             # learn to read them fastest. (Only where rows stay: else it would get no gradient.)
             self.evolve = nn.Parameter(torch.zeros(()))
@@ -176,11 +191,12 @@ class Block(nn.Module):
         return h[:, K:], torch.cat([h[:, K - i:K - i + T] for i in range(1, K + 1)], dim=-1)
 
     def forward(self, x, kv=None, bias=None, prev=None, lend=0):
-        """Rows x (B, T, C) after those in kv (the last K of them: prev) -> (B, T-lend, C), kv."""
-        a, kv = self.attn(*self.norm(x, prev), kv, bias, lend)
-        x = x[:, lend:] + a
+        """Rows x (B, T, C) after those in kv (the last K of them: prev) -> (B, T-lend, C), kv,
+        and x's own k, v as the state keeps them (see CausalSelfAttention.forward)."""
+        a, kv, new = self.attn(*self.norm(x, prev), kv, bias, lend)
+        x = x.split([lend, x.size(1) - lend], dim=1)[1] + a  # the rows that read
         x = x + self.mlp(self.ln_2(x))
-        return x, kv
+        return x, kv, new
 
 
 @dataclass
@@ -193,6 +209,7 @@ class FoldGPTConfig:
     token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
+    carry_kv: bool = False  # carry each row's keys and values as they were made; rows not evolved
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -228,6 +245,8 @@ class State:
     window not yet full, which the next call reads first (so a stream may be cut anywhere)."""
     rows: torch.Tensor  # (B, L, S, C): the condensed context, S rows per layer
     pending: torch.Tensor = None  # (B, r), r <= W: tokens since the last fold; None: none
+    kv: torch.Tensor = None  # (B, L, S, 2C) with carry_kv: the rows' keys (not yet turned to a
+    #                          slot) and values as they were made; None: made from the rows
 
     def __post_init__(self):
         if self.pending is None:
@@ -236,7 +255,8 @@ class State:
 
     def select(self, streams):
         """The state of some of the streams (an index or slice of the batch)."""
-        return State(self.rows[streams], self.pending[streams])
+        return State(self.rows[streams], self.pending[streams],
+                     None if self.kv is None else self.kv[streams])
 
 
 @dataclass
@@ -248,6 +268,8 @@ class Window:
     kv: list = field(default_factory=list)  # per layer: (k, v) of every row the next token reads
     tail: list = field(default_factory=list)  # per layer: (B, <=K, C) the last K rows so far
     inputs: list = field(default_factory=list)  # per layer: (B, n, C) tokens entering Block l
+    kept: list = field(default_factory=list)  # carry_kv, per layer: (B, S, 2C) carried rows' k|v
+    made: list = field(default_factory=list)  # carry_kv, per layer: (B, n, 2C) the tokens' k|v
     n: int = 0  # tokens in the window so far
 
 
@@ -292,25 +314,30 @@ class FoldGPT(nn.Module):
     # A window in three parts: open it on the carried rows (evolving them once more), step its
     # tokens through (all at once in training, one at a time when sampling), fold it.
 
-    def open_window(self, rows, size):
+    def open_window(self, rows, size, kv=None):
         """Start a window of size tokens on the carried rows (B, L, S, C), which at each layer
-        are [M memory rows ; R = S - M recent rows, oldest first]."""
+        are [M memory rows ; R = S - M recent rows, oldest first]; kv: their keys and values
+        (carry_kv), or None."""
+        if self.config.carry_kv and self.config.n_state:
+            return self.open_window_kept(rows, size, kv)
         M, K = self.config.n_mem, self.config.token_shift
-        G = min(size, self.config.n_state - M)  # the oldest G recent rows make way for the tokens
+        R = self.config.n_state - M
+        G = min(size, R)  # the oldest G recent rows make way for the tokens
         window = Window()
         for l, block in enumerate(self.transformer.h):
             mem, recent = rows[:, l, :M], rows[:, l, M:]  # (B, M, C), (B, R, C)
             read, bias = mem, None
             if M:  # memory rows: read one step evolved, always from the rows as they entered
-                evolved, _ = block(mem)  # (B, M, C), each reading the older memory rows
+                evolved = block(mem)[0]  # (B, M, C), each reading the older memory rows
                 read = mem + block.evolve * (evolved - mem)
                 bias = F.logsigmoid(block.keep_score(read))  # (B, M), <= 0
             # The memory rows and the rows that make way only lend their keys and values; the
             # recent rows that stay read them and each other: Block l evolves them once more.
             carried = torch.cat([read, recent], dim=1)  # (B, S, C)
-            kv, stay = None, recent[:, G:]  # (B, R-G, C)
+            gone, stay = recent.split([G, R - G], dim=1)  # (B, G, C), (B, R-G, C)
+            kv = None
             if carried.size(1):
-                out, kv = block(carried, None, bias, None, lend=M + G)  # (B, R-G, C)
+                out, kv = block(carried, None, bias, None, lend=M + G)[:2]  # (B, R-G, C)
                 if not self.config.evolve_gate:  # fully evolved
                     stay = out
                 elif hasattr(block, "evolve"):  # by the gate's share (no gate: no row stays)
@@ -319,8 +346,32 @@ class FoldGPT(nn.Module):
             window.tail.append(last_rows(carried, K))
             window.mem.append(mem)
             window.bias.append(bias)
-            window.recent.append(torch.cat([recent[:, :G], stay], dim=1))  # (B, R, C)
+            window.recent.append(torch.cat([gone, stay], dim=1))  # (B, R, C)
             window.inputs.append(recent[:, :0])  # (B, 0, C): no tokens yet
+        return window
+
+    def open_window_kept(self, rows, size, kv=None):
+        """open_window with carry_kv: the carried rows are not evolved, and their keys and
+        values are those made when they were tokens, so a memory row keeps the key its own
+        context gave it (token shift), however far from that context it now sits. Only the
+        keys are turned to the rows' slots now. kv None: made from the rows (a stream's start)."""
+        M, K, C = self.config.n_mem, self.config.token_shift, self.config.n_embd
+        window = Window()
+        for l, (block, layer) in enumerate(zip(self.transformer.h, rows.unbind(1))):
+            mem = layer.split([M, layer.size(1) - M], dim=1)[0]  # (B, M, C)
+            if kv is None:  # the rows' own k, v, each reading the rows before it in the state
+                kept = torch.cat(block.attn.project(*block.norm(layer))[1:], dim=-1)  # (B, S, 2C)
+            else:
+                kept = kv[:, l]
+            k, v = (block.attn.heads(t) for t in kept.split(C, dim=-1))  # (B, nh, S, hs)
+            window.kv.append((block.attn.turn(k, 0), v))
+            window.kept.append(kept)
+            window.made.append(kept[:, :0])  # (B, 0, 2C): no tokens yet
+            window.tail.append(last_rows(layer, K))
+            window.mem.append(mem)
+            window.bias.append(F.logsigmoid(block.keep_score(mem)) if M else None)  # (B, M)
+            window.recent.append(layer.split([M, layer.size(1) - M], dim=1)[1])  # (B, R, C)
+            window.inputs.append(layer[:, :0])  # (B, 0, C): no tokens yet
         return window
 
     def step(self, idx, window):
@@ -330,22 +381,33 @@ class FoldGPT(nn.Module):
             window.inputs[l] = torch.cat([window.inputs[l], x], dim=1)  # (B, n+T, C)
             prev = window.tail[l]  # the rows before these, for token shift
             window.tail[l] = last_rows(torch.cat([prev, x], dim=1), self.config.token_shift)
-            x, window.kv[l] = block(x, window.kv[l], window.bias[l], prev)  # (B, T, C)
+            x, window.kv[l], made = block(x, window.kv[l], window.bias[l], prev)  # (B, T, C)
+            made = torch.cat(made, dim=-1) if window.kept else None  # else let them go now
+            if window.kept:  # carry_kv: the tokens' own k, v go into the state at the fold
+                window.made[l] = torch.cat([window.made[l], made], dim=1)
         window.n += idx.size(1)
         return self.transformer.ln_f(x)
 
     def fold(self, window):
-        """The next rows (B, L, S, C): per layer, the last R of [recent rows ; tokens at layer l]
-        stay recent; those pushed out enter the memory if admit lets them (see remember)."""
-        R = self.config.n_state - self.config.n_mem
+        """The next rows (B, L, S, C), and with carry_kv their k|v (B, L, S, 2C), else None: per
+        layer, the last R of [recent rows ; tokens at layer l] stay recent; those pushed out
+        enter the memory if admit lets them (see remember)."""
+        C, M = self.config.n_embd, self.config.n_mem
+        R = self.config.n_state - M
         rows = []
         for l, block in enumerate(self.transformer.h):
             layer = torch.cat([window.recent[l], window.inputs[l]], dim=1)  # (B, R+W, C)
-            recent, pushed = layer[:, layer.size(1) - R:], layer[:, :layer.size(1) - R]
-            mem = (self.remember(window.mem[l], pushed, self.admit(block, pushed))
-                   if self.config.n_mem else recent[:, :0])  # (B, M, C)
-            rows.append(torch.cat([mem, recent], dim=1))  # (B, S, C)
-        return torch.stack(rows, dim=1)  # (B, L, S, C)
+            mem = window.mem[l]  # (B, M, C)
+            if window.kept:  # carry_kv: each row's k|v go with it, side by side, (B, *, 3C)
+                made = torch.cat([window.kept[l][:, M:], window.made[l]], dim=1)  # (B, R+W, 2C)
+                layer = torch.cat([layer, made], dim=-1)
+                mem = torch.cat([mem, window.kept[l][:, :M]], dim=-1)
+            pushed, recent = layer.split([layer.size(1) - R, R], dim=1)
+            if M:
+                mem = self.remember(mem, pushed, self.admit(block, pushed[..., :C]))
+            rows.append(torch.cat([mem, recent], dim=1))  # (B, S, C) or (B, S, 3C)
+        rows = torch.stack(rows, dim=1)  # (B, L, S, C) or (B, L, S, 3C)
+        return (rows, None) if not window.kept else rows.split([C, 2 * C], dim=-1)
 
     def admit(self, block, rows):
         """(B, G): which rows (B, G, C) pushed out of the recent part enter the memory: score > 0;
@@ -379,31 +441,32 @@ class FoldGPT(nn.Module):
         idx = torch.cat([state.pending, idx], dim=1)  # (B, r+N)
         if targets is not None:
             targets = F.pad(targets, (r, 0), value=-1)  # no loss on tokens read before
-        rows, logits, loss = state.rows, [], 0.0
+        rows, kv, logits, loss = state.rows, state.kv, [], 0.0
         run = self.run_window
         if grad_ckpt and torch.is_grad_enabled():
             run = partial(checkpoint, self.run_window, use_reentrant=False)
         for t in range(0, idx.size(1), W):
-            out, rows = run(idx[:, t:t + W], rows, None if targets is None else targets[:, t:t + W])
+            out, rows, kv = run(idx[:, t:t + W], rows, kv,
+                                None if targets is None else targets[:, t:t + W])
             if targets is None:
                 logits.append(out)
             else:
                 loss = loss + out
-        state = State(rows, idx[:, idx.size(1) // W * W:])  # a window not yet full waits
+        state = State(rows, idx[:, idx.size(1) // W * W:], kv)  # a window not yet full waits
         if targets is None:
             return torch.cat(logits, dim=1)[:, r:], None, state  # (B, N, V)
         return None, loss / (targets != -1).sum().clamp(min=1), state
 
-    def run_window(self, idx, rows, targets=None):
-        """One window, idx (B, T) with T <= W, on the carried rows: its logits (B, T, V), or
-        with targets the sum of its tokens' losses; and the rows after it, folded if it is full
-        (a window not yet full is read again, whole, by the next call)."""
-        window = self.open_window(rows, idx.size(1))
+    def run_window(self, idx, rows, kv=None, targets=None):
+        """One window, idx (B, T) with T <= W, on the carried rows (and their kv, or None): its
+        logits (B, T, V), or with targets the sum of its tokens' losses; and the rows and kv
+        after it, folded if it is full (a window not yet full is read again by the next call)."""
+        window = self.open_window(rows, idx.size(1), kv)
         logits = self.lm_head(self.step(idx, window))  # (B, T, V)
         if targets is not None:
             logits = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
                                      targets.reshape(-1), ignore_index=-1, reduction="sum")
-        return logits, self.fold(window) if window.n == self.config.window else rows
+        return (logits, *(self.fold(window) if window.n == self.config.window else (rows, kv)))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None,
@@ -420,12 +483,12 @@ class FoldGPT(nn.Module):
             raise ValueError("generate needs at least one token to start from")
         training = self.training
         self.eval()
-        rows, last = state.rows, (r + P - 1) // W * W  # keep >= 1 token to go on from
+        rows, kv, last = state.rows, state.kv, (r + P - 1) // W * W  # keep >= 1 token to go on
         for t in range(0, last, W):  # fold the whole windows of the prompt
-            window = self.open_window(rows, W)
+            window = self.open_window(rows, W, kv)
             self.step(idx[:, t:t + W], window)
-            rows = self.fold(window)
-        window = self.open_window(rows, W)
+            rows, kv = self.fold(window)
+        window = self.open_window(rows, W, kv)
         x = self.step(idx[:, last:], window)  # the rest of the prompt fills the KV cache
         out = torch.cat([idx, idx.new_empty(idx.size(0), max_new_tokens)], dim=1)
         for i in range(max_new_tokens):
@@ -442,9 +505,9 @@ class FoldGPT(nn.Module):
             if on_token is not None:
                 on_token(tok)
             if window.n == W:  # the window is full: fold it; the new token opens the next
-                rows, last = self.fold(window), last + W
-                window = self.open_window(rows, W)
+                (rows, kv), last = self.fold(window), last + W
+                window = self.open_window(rows, W, kv)
             if i < max_new_tokens - 1:
                 x = self.step(tok, window)  # one row through every layer, reading the KV cache
         self.train(training)
-        return out[:, r:], State(rows, out[:, last:])
+        return out[:, r:], State(rows, out[:, last:], kv)

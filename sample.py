@@ -71,7 +71,7 @@ def read_state(path, model, device):
              "use it with the checkpoint that made it")
     if not {"rows", "pending"} <= saved.keys():
         fail(f"state file {path} is from an older FoldGPT: make it again with --state_out")
-    return State(saved["rows"], saved["pending"])
+    return State(saved["rows"], saved["pending"], saved.get("kv"))
 
 
 def main(cfg):
@@ -112,7 +112,8 @@ def main(cfg):
         if k < cfg.num_samples - 1:
             print("---------------")
     if cfg.state_out:
-        save_checkpoint(cfg.state_out, dict(rows=end_state.rows.cpu(),
+        kv = None if end_state.kv is None else end_state.kv.cpu()
+        save_checkpoint(cfg.state_out, dict(rows=end_state.rows.cpu(), kv=kv,
                                             pending=end_state.pending.cpu(),
                                             model=fingerprint(model)))
 

@@ -19,8 +19,9 @@ TINY = dict(vocab_size=32, window=4, n_state=8, n_mem=0, n_layer=2, n_head=2, n_
 MEMORY = dict(n_state=10, n_mem=6)  # 6 memory rows and 4 recent rows per layer
 SHIFT3 = dict(token_shift=3, **MEMORY)  # keys read 3 rows back, across memory and windows
 STAY = dict(n_state=12, n_mem=4)  # 4 memory rows and 8 recent rows: 4 stay through a window
-CONFIGS = [dict(), MEMORY, SHIFT3, STAY]
-IDS = ["S8", "mem", "shift3", "mem+stay"]
+KEPT = dict(carry_kv=True, **SHIFT3)  # rows carried with the keys and values they were made with
+CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY)]
+IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay"]
 
 
 def tiny(**changes):
@@ -52,15 +53,15 @@ def logits_token_by_token(model, idx):
     window, out = model.open_window(model.initial_state(idx.size(0)).rows, W), []
     for t in range(idx.size(1)):
         if window.n == W:
-            window = model.open_window(model.fold(window), W)
+            rows, kv = model.fold(window)
+            window = model.open_window(rows, W, kv)
         out.append(model.lm_head(model.step(idx[:, t:t + 1], window)))
     return torch.cat(out, dim=1)
 
 
 # ---- causality and streaming -----------------------------------------------------------------
 
-@pytest.mark.parametrize("config", [dict(), dict(n_state=0), MEMORY, SHIFT3, STAY],
-                         ids=["S8", "S0", "mem", "shift3", "mem+stay"])
+@pytest.mark.parametrize("config", [*CONFIGS, dict(n_state=0)], ids=[*IDS, "S0"])
 @pytest.mark.parametrize("t", [0, 3, 4, 6, 9, 13])
 def test_causality_within_and_across_windows(config, t):
     model = tiny(**config)
@@ -85,6 +86,9 @@ def test_streaming_equivalence_one_call_windows_and_tokens(config):
         per_window.append(logits)
     assert torch.allclose(whole, torch.cat(per_window, dim=1), atol=1e-5)
     assert torch.allclose(state_whole.rows, state.rows, atol=1e-5)
+    assert (state.kv is None) == (not model.config.carry_kv or not model.config.n_state)
+    if state.kv is not None:
+        assert torch.allclose(state_whole.kv, state.kv, atol=1e-5)
     assert torch.allclose(whole, logits_token_by_token(model, idx), atol=1e-5)
 
 
@@ -452,8 +456,28 @@ def test_memory_rows_are_read_one_step_evolved_from_the_rows_as_they_entered():
         read = mem + 0.5 * (block(mem)[0] - mem)  # gate 0.5
         assert torch.equal(window.mem[l], mem)  # kept as they entered
         assert torch.allclose(window.bias[l], F.logsigmoid(block.keep_score(read)), atol=1e-6)
-        assert torch.allclose(window.kv[l][0][:, :, :6], block.attn.project(
-            *block.norm(read), 0)[1], atol=1e-5)  # their keys: those of the evolved rows
+        keys = block.attn.turn(block.attn.heads(block.attn.project(*block.norm(read))[1]), 0)
+        assert torch.allclose(window.kv[l][0][:, :, :6], keys, atol=1e-5)  # the evolved rows'
+
+
+@torch.no_grad()
+def test_with_carry_kv_a_memory_row_keeps_the_keys_and_values_its_own_context_gave_it():
+    model = tiny(**KEPT)  # S=10: 6 memory rows, 4 recent; token shift 3
+    assert not any(hasattr(block, "evolve") for block in model.transformer.h)  # nothing evolves
+    for block in model.transformer.h:
+        block.keep.bias.data.fill_(50.0)  # every row pushed out enters the memory
+    idx = tokens(8)
+    window = model.open_window(model.initial_state(2).rows, 4)
+    model.step(idx[:, :4], window)
+    made = window.made  # per layer (B, 4, 2C): the first window's tokens' k|v, as made
+    _, _, state = model(idx)  # two windows: the first window's tokens leave the recent rows
+    for l, block in enumerate(model.transformer.h):
+        assert torch.allclose(state.kv[:, l, 2:6], made[l], atol=1e-6)  # the newest 4 of 6
+        assert torch.equal(state.rows[:, l, 2:6], window.inputs[l])  # the rows as written
+        # Made again from the rows where they sit now, the keys would differ: token shift
+        # would read the memory rows before them, not the tokens that came before them.
+        again = block.attn.project(*block.norm(state.rows[:, l]))[1][:, 2:6]
+        assert not torch.allclose(again, made[l][..., :16], atol=1e-3)
 
 
 def test_memory_keeps_the_newest_rows_whose_keep_score_is_positive():

@@ -45,6 +45,7 @@ class TrainConfig:
     token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
+    carry_kv: bool = False  # carry each row's keys and values as made; rows not evolved (faster)
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # C: channels
@@ -174,7 +175,7 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
         # The next step reads on from here, so the state goes on with it. Detached: gradients
         # stop at the step boundary (truncated BPTT), so memory stays O(bptt) windows however
         # long the stream, while the context itself flows forward without bound.
-        states.append(after.rows.detach())
+        states.append((after.rows.detach(), None if after.kv is None else after.kv.detach()))
     if start is not None and start.grad is not None:
         if isinstance(model, DDP):  # averaged across processes, as DDP does the others
             dist.all_reduce(start.grad)
@@ -189,7 +190,9 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
         scaler.update()
     else:
         optimizer.step()
-    return torch.stack(losses).mean(), State(torch.cat(states))  # steps end on a full window
+    rows, kv = zip(*states)  # steps end on a full window: nothing pending
+    return torch.stack(losses).mean(), State(torch.cat(rows), None,
+                                             None if kv[0] is None else torch.cat(kv))
 
 
 @torch.no_grad()
@@ -214,7 +217,9 @@ def resume(ckpt, train_data, n_streams, mine, procs, cfg, say):
     if ckpt["train_streams"] == n_streams:  # same streams: each process takes its own back
         train_data.pos = ckpt["train_pos"]
         if ckpt["train_state"] is not None:
-            state = State(ckpt["train_state"][rank * mine:(rank + 1) * mine].to(procs.device))
+            def own(t):  # this process's streams
+                return None if t is None else t[rank * mine:(rank + 1) * mine].to(procs.device)
+            state = State(own(ckpt["train_state"]), None, own(ckpt.get("train_kv")))
     else:  # other streams: read on from the same share of the corpus, with a fresh state
         share = ckpt["train_pos"] / (train_data.tokens // ckpt["train_streams"])
         train_data.pos = int(share * train_data.stream_len) // span * span
@@ -308,13 +313,14 @@ def train(cfg):
 
     def save():  # every process takes part (gathers); process 0 writes
         states = None if state is None else procs.gather(state.rows).cpu()
+        kv = None if state is None or state.kv is None else procs.gather(state.kv).cpu()
         rank_rng = procs.rng_states()
         if procs.master:
             save_checkpoint(ckpt_path, dict(
                 model_args=asdict(model.config), model=model.state_dict(),
                 optimizer=optimizer.state_dict(), iter_num=it, best_val_loss=best_val,
                 config=asdict(cfg), meta=meta, train_pos=train_data.pos,
-                train_streams=n_streams, train_state=states, rng=rng_states(),
+                train_streams=n_streams, train_state=states, train_kv=kv, rng=rng_states(),
                 rank_rng=rank_rng))
 
     def stop_if_not_finite(value):

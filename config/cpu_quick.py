@@ -13,6 +13,7 @@ keep_init = 2.0
 token_shift = 2
 tie_embeddings = False
 evolve_gate = True
+carry_kv = False
 n_layer = 4
 n_head = 4
 n_embd = 128
