@@ -358,7 +358,7 @@ class FoldGPT(nn.Module):
         M, K, C = self.config.n_mem, self.config.token_shift, self.config.n_embd
         window = Window()
         for l, (block, layer) in enumerate(zip(self.transformer.h, rows.unbind(1))):
-            mem = layer.split([M, layer.size(1) - M], dim=1)[0]  # (B, M, C)
+            mem, recent = layer.split([M, layer.size(1) - M], dim=1)  # (B, M, C), (B, R, C)
             if kv is None:  # the rows' own k, v, each reading the rows before it in the state
                 kept = torch.cat(block.attn.project(*block.norm(layer))[1:], dim=-1)  # (B, S, 2C)
             else:
@@ -370,7 +370,7 @@ class FoldGPT(nn.Module):
             window.tail.append(last_rows(layer, K))
             window.mem.append(mem)
             window.bias.append(F.logsigmoid(block.keep_score(mem)) if M else None)  # (B, M)
-            window.recent.append(layer.split([M, layer.size(1) - M], dim=1)[1])  # (B, R, C)
+            window.recent.append(recent)
             window.inputs.append(layer[:, :0])  # (B, 0, C): no tokens yet
         return window
 

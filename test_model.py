@@ -471,8 +471,11 @@ def test_with_carry_kv_a_memory_row_keeps_the_keys_and_values_its_own_context_ga
     model.step(idx[:, :4], window)
     made = window.made  # per layer (B, 4, 2C): the first window's tokens' k|v, as made
     _, _, state = model(idx)  # two windows: the first window's tokens leave the recent rows
+    reading = model.open_window(state.rows, 4, state.kv)  # the next window reads them so
     for l, block in enumerate(model.transformer.h):
         assert torch.allclose(state.kv[:, l, 2:6], made[l], atol=1e-6)  # the newest 4 of 6
+        k = block.attn.turn(block.attn.heads(made[l][..., :16]), 2)  # turned to slots 2-5
+        assert torch.allclose(reading.kv[l][0][:, :, 2:6], k, atol=1e-6)
         assert torch.equal(state.rows[:, l, 2:6], window.inputs[l])  # the rows as written
         # Made again from the rows where they sit now, the keys would differ: token shift
         # would read the memory rows before them, not the tokens that came before them.
