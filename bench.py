@@ -2,8 +2,9 @@
 Speed and memory of FoldGPT beside the plain GPTs a user would otherwise run, in one run, as
 ratios (the machine may be shared and noisy): medians of repeats, warm-up excluded.
 
-    python bench.py --quick      # at most 3 minutes on 2 CPU cores
-    python bench.py              # the full run, at most 15 minutes
+    python bench.py --quick      # about 6 minutes on 2 CPU cores
+    python bench.py              # the full run, about 20 minutes
+    python bench.py --carry_kv=True       # FoldGPT carrying keys and values (see foldgpt.py)
     python bench.py --n_embd=384 --n_layer=6 --n_head=6    # another model size
 
 Sampling, batch 1, the same model size for all three:
@@ -12,10 +13,12 @@ Sampling, batch 1, the same model size for all three:
               that crops the context to its block and recomputes the block for every token
   kv cache    a plain GPT whose KV cache grows over the whole context
 Training, the same model and tokens per step: FoldGPT over bptt windows (with and without
-grad_ckpt) beside a plain GPT with block bptt x W. The plain GPTs are FoldGPT with n_state = 0:
-the same code, so only the folding differs. Peak memory is what one measurement adds to a fresh
-process, which does nothing else: its peak RSS above the RSS it had once torch and the model
-code were loaded (Linux), or torch.cuda.max_memory_allocated on a GPU.
+grad_ckpt) beside a plain GPT with block bptt x W; then a race on real prose: FoldGPT with
+train.py's recipe and a plain GPT with block S + W, the same tokens per step, one step of each
+in turn for the same seconds, then the val loss of both on held-out prose. The plain GPTs are
+FoldGPT with n_state = 0: the same code, so only the folding differs. Peak memory is what one
+measurement adds to a fresh process, which does nothing else: its peak RSS above the RSS it had
+once torch and the model code were loaded (Linux), or torch.cuda.max_memory_allocated on a GPU.
 Prints a table, writes bench.csv, and bench.png when matplotlib is installed.
 """
 
@@ -25,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,10 +40,11 @@ from checkpoints import pick_device
 
 @dataclass
 class BenchConfig:
-    quick: bool = False  # a smaller run: at most 3 minutes on 2 CPU cores
+    quick: bool = False  # a smaller run: about 6 minutes on 2 CPU cores
     window: int = 32  # the model of every contender (defaults: the README's measured model)
-    n_state: int = 64  # the figures in the README: the model before the memory was the default
-    n_mem: int = 0  # of the S rows, memory rows
+    n_state: int = 96  # S: carried rows per layer
+    n_mem: int = 32  # of the S rows, memory rows
+    carry_kv: bool = False  # FoldGPT carries each row's keys and values as made (see foldgpt.py)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -52,12 +57,14 @@ class BenchConfig:
     batch_size: int = 1  # internal
     bptt: int = 1  # internal
     grad_ckpt: bool = False  # internal
+    race_seconds: float = 0.0  # training seconds each model gets on real prose; 0: 45 quick, 180 full
 
 
 def model_for(cfg, contender, context=0):
     """FoldGPT, or a plain GPT (n_state = 0) whose window is the crop block or the context."""
     args = dict(vocab_size=cfg.vocab_size, window=cfg.window, n_state=cfg.n_state,
-                n_mem=cfg.n_mem, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+                n_mem=cfg.n_mem, carry_kv=cfg.carry_kv, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                n_embd=cfg.n_embd)
     if contender == "crop":
         args.update(window=cfg.n_state + cfg.window, n_state=0)
     elif contender in ("kv cache", "plain"):
@@ -159,6 +166,69 @@ def train_figures(cfg, contender, batch_size, bptt, steps, grad_ckpt):
     return batch_size * span / statistics.median(times[2:])
 
 
+def race(cfg, seconds):
+    """Train FoldGPT (16 streams x 4 windows a step, train.py's recipe) and the plain GPT with
+    block S + W (16 streams x 1 window of S + W: the same 2,048 tokens a step) on the carried
+    prose's training part, one step of each in turn, until each has trained for `seconds` of its
+    own steps' time (the first step, which warms torch up, is not on the clock); the learning
+    rate follows train.py's schedule over the budget. Then the val loss of each on the held-out
+    part, which neither trained on (as train.py's val loss: the streams read in order, FoldGPT
+    carrying its state). Returns {name: (val loss, median tokens/s of its steps, steps, seconds
+    on the clock)}."""
+    import tempfile
+    import numpy as np
+    from train import StreamLoader, TrainConfig, evaluate, lr_at, make_optimizer, train_step
+    from prepare_data import prose
+    S, W = cfg.n_state, cfg.window
+    device = pick_device(cfg.device)
+    recipes = {"FoldGPT": dict(window=W, n_state=S, bptt=4),
+               f"GPT block {S + W}": dict(window=S + W, n_state=0, bptt=1)}
+    shared = dict(n_mem=cfg.n_mem, carry_kv=cfg.carry_kv, n_layer=cfg.n_layer,
+                  n_head=cfg.n_head, n_embd=cfg.n_embd, batch_size=16, max_iters=1200)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for part in ("train", "held-out"):  # bytes: the default tokenizer
+            paths[part] = f"{tmp}/{part}.bin"
+            np.frombuffer(prose(part).encode(), dtype=np.uint8).astype(np.uint16).tofile(
+                paths[part])
+        runs = {}
+        for name, recipe in recipes.items():
+            tcfg = TrainConfig(**shared, **recipe)
+            torch.manual_seed(0)
+            model = FoldGPT(FoldGPTConfig(vocab_size=257, **{
+                k: getattr(tcfg, k) for k in ("window", "n_state", "n_mem", "carry_kv",
+                                              "n_layer", "n_head", "n_embd")})).to(device)
+            span = tcfg.bptt * tcfg.window
+            runs[name] = dict(cfg=tcfg, model=model, state=None, clock=0.0, times=[],
+                              optimizer=make_optimizer(model, tcfg, torch.device(device).type),
+                              train=StreamLoader(paths["train"], 16, span),
+                              val=StreamLoader(paths["held-out"], 16, span))
+        done, quarter = 1, len(runs) * seconds / 4  # a progress line per quarter of the race
+        while any(r["clock"] < seconds for r in runs.values()):
+            for r in runs.values():
+                if r["clock"] >= seconds:
+                    continue
+                lr = lr_at(int(r["clock"] / seconds * r["cfg"].max_iters), r["cfg"])
+                for group in r["optimizer"].param_groups:
+                    group["lr"] = lr
+                x, y, fresh = r["train"].next()
+                t = time.perf_counter()
+                loss, r["state"] = train_step(r["model"], r["optimizer"], x.to(device),
+                                              y.to(device), None if fresh else r["state"],
+                                              r["cfg"])
+                r["times"].append(time.perf_counter() - t)
+                if len(r["times"]) > 1:  # the first step warms torch up: not on the clock
+                    r["clock"] += r["times"][-1]
+            if sum(min(r["clock"], seconds) for r in runs.values()) >= done * quarter:
+                done += 1
+                print("  " + "  ".join(f"{n} {len(r['times'])} steps {r['clock']:5.0f} s"
+                                       for n, r in runs.items()), flush=True)
+        return {n: (evaluate(r["model"], r["val"], 10 ** 9, nullcontext()),
+                    16 * r["train"].span / statistics.median(r["times"][1:]), len(r["times"]),
+                    r["clock"])
+                for n, r in runs.items()}
+
+
 def rss_mb(field):
     with open("/proc/self/status") as f:  # Linux
         return int([line for line in f if line.startswith(field + ":")][0].split()[1]) / 1024
@@ -203,7 +273,8 @@ def child(cfg):
 def measure(cfg, **child_args):
     """Run one measurement in a fresh process, so its peak memory is its own."""
     model = {k: v for k, v in asdict(cfg).items() if k in (
-        "window", "n_state", "n_mem", "n_layer", "n_head", "n_embd", "vocab_size", "device")}
+        "window", "n_state", "n_mem", "carry_kv", "n_layer", "n_head", "n_embd", "vocab_size",
+        "device")}
     args = [f"--{k}={v}" for k, v in {**model, **child_args}.items()]
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     if out.returncode != 0:
@@ -282,6 +353,16 @@ def main(cfg):
 
     top = train[max(train)]
     fold, plain = top[("FoldGPT", True)], top[("plain", False)]
+
+    seconds = cfg.race_seconds or (45 if quick else 180)
+    gpt = f"GPT block {cfg.n_state + cfg.window}"
+    print(f"\ntraining on real prose (the carried Shakespeare, bytes), {seconds:.0f} s of steps "
+          f"each, one step of each in turn; then val loss on its held-out part")
+    raced = race(cfg, seconds)
+    for name, (val, tok_s, steps, _) in raced.items():
+        print(f"  {name:14} {steps:5} steps  {tok_s:7,.0f} tok/s  val loss {val:.4f}")
+        rows += [("race val loss", name, f"{seconds:.0f} s", round(val, 4)),
+                 ("race tok/s", name, f"{seconds:.0f} s", round(tok_s))]
     verdicts = [
         ("FoldGPT latency at 16k / at 256", lat["FoldGPT"][16384] / lat["FoldGPT"][256],
          "<=", 1.10),
@@ -294,8 +375,10 @@ def main(cfg):
         ("training peak memory growth, stream 10x", stream_growth, "<=", 0.05),
         (f"training peak memory, FoldGPT ckpt / plain GPT (4,096 tokens, bptt {max(train)})",
          fold["peak_mb"] / plain["peak_mb"], "<=", 0.5),
-        (f"training tokens/s, FoldGPT ckpt / plain GPT (4,096 tokens, bptt {max(train)})",
-         fold["tok_s"] / plain["tok_s"], ">=", 0.7),
+        (f"training tokens/s, FoldGPT / {gpt} (2,048 tokens a step, in turn)",
+         raced["FoldGPT"][1] / raced[gpt][1], ">=", 0.7),
+        (f"val loss on held-out prose after {seconds:.0f} s, FoldGPT - {gpt}",
+         raced["FoldGPT"][0] - raced[gpt][0], "<=", 0.0),
     ]
     print("\nratios against the targets")
     for name, value, op, target in verdicts:

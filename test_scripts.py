@@ -10,6 +10,7 @@ invariants are in test_model.py.
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import runpy
@@ -955,6 +956,16 @@ def test_bench_times_every_contender_on_a_tiny_model():
         assert len(gaps) == 4 and all(g > 0 for g in gaps)
     for grad_ckpt in (False, True):  # tokens per second of a few training steps
         assert bench.train_figures(cfg, "FoldGPT", 2, 2, 4, grad_ckpt) > 0
+
+
+def test_bench_race_trains_both_models_for_the_seconds_given_and_scores_them_on_held_out_prose():
+    import bench
+    cfg = bench.BenchConfig(n_embd=32, n_layer=1, n_head=2, device="cpu")
+    raced = bench.race(cfg, 1.5)
+    assert set(raced) == {"FoldGPT", "GPT block 128"}
+    for val, tok_s, steps, seconds in raced.values():
+        assert steps >= 2 and tok_s > 0 and seconds >= 1.5
+        assert val < math.log(257) - 1  # it learned: far below a uniform guess over the bytes
 
 
 def test_probe_trains_each_design_it_compares():
