@@ -2,8 +2,8 @@
 Speed and memory of FoldGPT beside the plain GPTs a user would otherwise run, in one run, as
 ratios (the machine may be shared and noisy): medians of repeats, warm-up excluded.
 
-    python bench.py --quick      # about 6 minutes on 2 CPU cores
-    python bench.py              # the full run, about 20 minutes
+    python bench.py --quick      # about 5 minutes on 2 CPU cores
+    python bench.py              # the full run: more repeats, 180 s each in the race
     python bench.py --carry_kv=True       # FoldGPT carrying keys and values (see foldgpt.py)
     python bench.py --n_embd=384 --n_layer=6 --n_head=6    # another model size
 
@@ -40,7 +40,7 @@ from checkpoints import pick_device
 
 @dataclass
 class BenchConfig:
-    quick: bool = False  # a smaller run: about 6 minutes on 2 CPU cores
+    quick: bool = False  # a smaller run: about 5 minutes on 2 CPU cores
     window: int = 32  # the model of every contender (defaults: the README's measured model)
     n_state: int = 96  # S: carried rows per layer
     n_mem: int = 32  # of the S rows, memory rows
