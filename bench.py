@@ -57,7 +57,7 @@ class BenchConfig:
     batch_size: int = 1  # internal
     bptt: int = 1  # internal
     grad_ckpt: bool = False  # internal
-    race_seconds: float = 0.0  # training seconds each model gets on real prose; 0: 45 quick, 180 full
+    race_seconds: float = 0.0  # training seconds of each model on real prose (0: 45 quick, 180)
 
 
 def model_for(cfg, contender, context=0):
@@ -177,7 +177,8 @@ def race(cfg, seconds):
     on the clock)}."""
     import tempfile
     import numpy as np
-    from train import StreamLoader, TrainConfig, evaluate, lr_at, make_optimizer, train_step
+    from train import (StreamLoader, TrainConfig, evaluate, lr_at, make_optimizer, model_config,
+                       train_step)
     from prepare_data import prose
     S, W = cfg.n_state, cfg.window
     device = pick_device(cfg.device)
@@ -195,9 +196,7 @@ def race(cfg, seconds):
         for name, recipe in recipes.items():
             tcfg = TrainConfig(**shared, **recipe)
             torch.manual_seed(0)
-            model = FoldGPT(FoldGPTConfig(vocab_size=257, **{
-                k: getattr(tcfg, k) for k in ("window", "n_state", "n_mem", "carry_kv",
-                                              "n_layer", "n_head", "n_embd")})).to(device)
+            model = FoldGPT(model_config(tcfg, 257)).to(device)  # 257: the byte tokens
             span = tcfg.bptt * tcfg.window
             runs[name] = dict(cfg=tcfg, model=model, state=None, clock=0.0, times=[],
                               optimizer=make_optimizer(model, tcfg, torch.device(device).type),
@@ -213,7 +212,7 @@ def race(cfg, seconds):
                     group["lr"] = lr
                 x, y, fresh = r["train"].next()
                 t = time.perf_counter()
-                loss, r["state"] = train_step(r["model"], r["optimizer"], x.to(device),
+                _, r["state"] = train_step(r["model"], r["optimizer"], x.to(device),
                                               y.to(device), None if fresh else r["state"],
                                               r["cfg"])
                 r["times"].append(time.perf_counter() - t)
