@@ -861,28 +861,38 @@ def test_torchrun_two_processes_match_one_process_accumulating(trained, tmp_path
     one = subprocess.run([sys.executable, "train.py", *args, "--grad_accum=2",
                           f"--out_dir={tmp_path / 'one'}"], cwd=HERE, capture_output=True,
                          text=True, timeout=120, env=env)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", "train.py", *args,
-                          f"--out_dir={tmp_path / 'two'}"], cwd=HERE, capture_output=True,
-                         text=True, timeout=180, env=env)
+
+    def torchrun(out):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=2", "train.py", *args, f"--out_dir={out}"],
+                              cwd=HERE, capture_output=True, text=True, timeout=180, env=env)
+
+    two_dir = tmp_path / "two"
+    two = torchrun(two_dir)
+    if two.returncode != 0 and "SIGABRT" in two.stderr:
+        # Twice in CI (never in 50 runs here, under load or not) a gloo process was aborted by
+        # a signal, with no Python error: the transport, not this computation. Once more, anew;
+        # a real fault fails again, and the first run's own output is shown either way.
+        print(two.stderr[-3000:])
+        two_dir = tmp_path / "two-again"
+        two = torchrun(two_dir)
     assert one.returncode == 0, one.stderr
-    assert two.returncode == 0, "\n".join(line for line in two.stderr.splitlines()
-                                          if "rank" in line or "rror" in line)[-3000:]
+    assert two.returncode == 0, two.stderr[-4000:]  # the ranks' own lines, torchrun's last
     assert "cpu x 2" in two.stdout and len(re.findall(r"^iter \d+: val", two.stdout, re.M)) == 2
     assert "Traceback" not in two.stderr and "unused" not in two.stderr
     assert len(logged_losses(one.stdout)) == 4
     assert np.allclose(logged_losses(one.stdout), logged_losses(two.stdout), atol=1e-4)
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
+    b = torch.load(two_dir / "ckpt.pt", weights_only=True)
     assert torch.allclose(a["train_state"], b["train_state"], atol=1e-4)
     assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-4) for k in a["model"])
     # The 2-process checkpoint resumes in one process with the same 4 streams, and in one
     # process reading 2 streams, which starts the carried states afresh.
     same = run_in("train.py", *args, "--grad_accum=2", "--max_iters=10", "--init_from=resume",
-                  f"--out_dir={tmp_path / 'two'}")
+                  f"--out_dir={two_dir}")
     assert same.returncode == 0 and "start afresh" not in same.stdout, same.stderr
     other = run_in("train.py", *args, "--max_iters=12", "--init_from=resume",
-                   f"--out_dir={tmp_path / 'two'}")
+                   f"--out_dir={two_dir}")
     assert other.returncode == 0 and "start afresh" in other.stdout, other.stderr
 
 
