@@ -166,15 +166,16 @@ def train_figures(cfg, contender, batch_size, bptt, steps, grad_ckpt):
     return batch_size * span / statistics.median(times[2:])
 
 
-def race(cfg, seconds):
+def race(cfg, seconds, min_steps=0):
     """Train FoldGPT (16 streams x 4 windows a step, train.py's recipe) and the plain GPT with
     block S + W (16 streams x 1 window of S + W: the same 2,048 tokens a step) on the carried
     prose's training part, one step of each in turn, until each has trained for `seconds` of its
     own steps' time (the first step, which warms torch up, is not on the clock); the learning
     rate follows train.py's schedule over the budget. Then the val loss of each on the held-out
     part, which neither trained on (as train.py's val loss: the streams read in order, FoldGPT
-    carrying its state). Returns {name: (val loss, median tokens/s of its steps, steps, seconds
-    on the clock)}."""
+    carrying its state). min_steps: a floor, each trains at least that many steps on the clock
+    (for a busy machine: the tests). Returns {name: (val loss, median tokens/s of its steps,
+    steps, seconds on the clock)}."""
     import tempfile
     import numpy as np
     from train import (StreamLoader, TrainConfig, evaluate, lr_at, make_optimizer, model_config,
@@ -202,12 +203,16 @@ def race(cfg, seconds):
                               optimizer=make_optimizer(model, tcfg, torch.device(device).type),
                               train=StreamLoader(paths["train"], 16, span),
                               val=StreamLoader(paths["held-out"], 16, span))
+        def spent(r):  # the share of its budget a run has used: the seconds, and the steps floor
+            share = r["clock"] / seconds
+            return min(share, (len(r["times"]) - 1) / min_steps) if min_steps else share
+
         done, quarter = 1, len(runs) * seconds / 4  # a progress line per quarter of the race
-        while any(r["clock"] < seconds for r in runs.values()):
+        while any(spent(r) < 1 for r in runs.values()):
             for r in runs.values():
-                if r["clock"] >= seconds:
+                if spent(r) >= 1:
                     continue
-                lr = lr_at(int(r["clock"] / seconds * r["cfg"].max_iters), r["cfg"])
+                lr = lr_at(int(spent(r) * r["cfg"].max_iters), r["cfg"])
                 for group in r["optimizer"].param_groups:
                     group["lr"] = lr
                 x, y, fresh = r["train"].next()

@@ -168,8 +168,8 @@ def memory_admits(model, ids):
     decided)."""
     admitted, admit, first = [], model.admit, model.transformer.h[0]
 
-    def recording(block, rows):
-        keep = admit(block, rows)
+    def recording(block, rows, logp=None):
+        keep = admit(block, rows, logp)
         if block is first:
             admitted.append(keep[0])
         return keep

@@ -175,9 +175,11 @@ class Block(nn.Module):
             self.keep = nn.Linear(config.n_embd, 1, bias=True)
         self.token_shift = config.token_shift
 
-    def keep_score(self, x):
-        """(B, T) keep scores of rows x (B, T, C): a row enters the memory when its score > 0."""
-        return self.keep(self.ln_1(x)).squeeze(-1)
+    def keep_score(self, x, head_only=False):
+        """(B, T) keep scores of rows x (B, T, C): a row enters the memory when its score > 0.
+        head_only: the gradient stops at the keep head (the rows and ln_1 are not its to shape)."""
+        x = self.ln_1(x)
+        return self.keep(x.detach() if head_only else x).squeeze(-1)
 
     def norm(self, x, prev=None):
         """ln_1 of rows x (B, T, C), and with token shift ln_1 of the K rows before each of them
@@ -210,6 +212,8 @@ class FoldGPTConfig:
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
     carry_kv: bool = False  # carry each row's keys and values as they were made; rows not evolved
+    admit_reinforce: float = 0.0  # in training, push each admission toward what lowered the loss
+    #                               of the windows after it (REINFORCE); 0: no gradient to it
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -270,6 +274,8 @@ class Window:
     inputs: list = field(default_factory=list)  # per layer: (B, n, C) tokens entering Block l
     kept: list = field(default_factory=list)  # carry_kv, per layer: (B, S, 2C) carried rows' k|v
     made: list = field(default_factory=list)  # carry_kv, per layer: (B, n, 2C) the tokens' k|v
+    logp: list = field(default_factory=list)  # admit_reinforce, per layer: (B,) log-probability
+    #                                           of the fold's admissions, as drawn in training
     n: int = 0  # tokens in the window so far
 
 
@@ -279,6 +285,7 @@ class FoldGPT(nn.Module):
         super().__init__()
         config.check()
         self.config = config
+        self.by_threshold = False  # in training too, admit by the threshold (threshold_losses)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
@@ -404,17 +411,24 @@ class FoldGPT(nn.Module):
                 mem = torch.cat([mem, window.kept[l][:, :M]], dim=-1)
             pushed, recent = layer.split([layer.size(1) - R, R], dim=1)
             if M:
-                mem = self.remember(mem, pushed, self.admit(block, pushed[..., :C]))
+                keep = self.admit(block, pushed[..., :C],
+                                  window.logp if self.config.admit_reinforce else None)
+                mem = self.remember(mem, pushed, keep)
             rows.append(torch.cat([mem, recent], dim=1))  # (B, S, C) or (B, S, 3C)
         rows = torch.stack(rows, dim=1)  # (B, L, S, C) or (B, L, S, 3C)
         return (rows, None) if not window.kept else rows.split([C, 2 * C], dim=-1)
 
-    def admit(self, block, rows):
+    def admit(self, block, rows, logp=None):
         """(B, G): which rows (B, G, C) pushed out of the recent part enter the memory: score > 0;
-        in training, with probability sigmoid(score), so a row scored out can learn back up."""
+        in training, with probability sigmoid(score), so a row scored out can learn back up.
+        logp: a list that gets the draws' log-probability (B,), in training (see reinforce)."""
         score = block.keep_score(rows)
-        if self.training:
-            return torch.rand_like(score) < torch.sigmoid(score)
+        if self.training and not self.by_threshold:
+            keep = torch.rand_like(score) < torch.sigmoid(score)
+            if logp is not None:
+                score = block.keep_score(rows, head_only=True)
+                logp.append(torch.where(keep, F.logsigmoid(score), F.logsigmoid(-score)).sum(1))
+            return keep
         return score > 0
 
     @staticmethod
@@ -441,32 +455,73 @@ class FoldGPT(nn.Module):
         idx = torch.cat([state.pending, idx], dim=1)  # (B, r+N)
         if targets is not None:
             targets = F.pad(targets, (r, 0), value=-1)  # no loss on tokens read before
-        rows, kv, logits, loss = state.rows, state.kv, [], 0.0
         run = self.run_window
         if grad_ckpt and torch.is_grad_enabled():
             run = partial(checkpoint, self.run_window, use_reentrant=False)
-        for t in range(0, idx.size(1), W):
-            out, rows, kv = run(idx[:, t:t + W], rows, kv,
-                                None if targets is None else targets[:, t:t + W])
-            if targets is None:
-                logits.append(out)
-            else:
-                loss = loss + out
-        state = State(rows, idx[:, idx.size(1) // W * W:], kv)  # a window not yet full waits
+        outs, logps, rows, kv = self.run_windows(run, idx, state.rows, state.kv, targets)
+        after = State(rows, idx[:, idx.size(1) // W * W:], kv)  # a window not yet full waits
         if targets is None:
-            return torch.cat(logits, dim=1)[:, r:], None, state  # (B, N, V)
-        return None, loss / (targets != -1).sum().clamp(min=1), state
+            return torch.cat(outs, dim=1)[:, r:], None, after  # (B, N, V)
+        losses = torch.stack(outs, dim=1)  # (B, windows): each stream's loss in each window
+        loss = losses.sum()
+        if self.config.admit_reinforce and self.training:
+            loss = loss + self.reinforce(losses, logps, self.threshold_losses(idx, state, targets))
+        return None, loss / (targets != -1).sum().clamp(min=1), after
+
+    def run_windows(self, run, idx, rows, kv, targets):
+        """run (run_window, or it checkpointed) on each window of idx in turn, the rows going
+        on: the windows' outputs and admissions' log-probabilities, and the last rows and kv."""
+        W, outs, logps = self.config.window, [], []
+        for t in range(0, idx.size(1), W):
+            out, rows, kv, logp = run(idx[:, t:t + W], rows, kv,
+                                      None if targets is None else targets[:, t:t + W])
+            outs.append(out)
+            logps.append(logp)
+        return outs, logps, rows, kv
+
+    @torch.no_grad()
+    def threshold_losses(self, idx, state, targets):
+        """reinforce's baseline: each stream's loss in each window (B, windows) of the same
+        tokens from the same state, with the memory admitting by its threshold, as in eval."""
+        self.by_threshold = True
+        try:
+            return torch.stack(self.run_windows(self.run_window, idx, state.rows, state.kv,
+                                                targets)[0], dim=1)
+        finally:
+            self.by_threshold = False
+
+    def reinforce(self, losses, logps, baseline):
+        """A term worth exactly 0 whose gradient is REINFORCE's for the memory's admissions:
+        each window's draws (logps: (B,) or None per window) are made likelier where the loss
+        of the windows after it (losses (B, windows), summed) came out below the baseline's
+        (B, windows: the same stream admitting by threshold, see threshold_losses), and less
+        likely where above. The draws are discrete, so the loss gives the keep score no
+        gradient through what entered; this term does, to the keep heads alone (let into the
+        rows too, its noise kept the copy from being learned)."""
+        def after(loss):  # (B, windows): the loss of the windows after each
+            loss = loss.detach()
+            return loss.flip(1).cumsum(1).flip(1) - loss
+        advantage = after(losses) - after(baseline)
+        term = losses.new_zeros(())
+        for w, logp in enumerate(logps):
+            if logp is not None:
+                term = term + (advantage[:, w] * (logp - logp.detach())).sum()
+        return self.config.admit_reinforce * term
 
     def run_window(self, idx, rows, kv=None, targets=None):
         """One window, idx (B, T) with T <= W, on the carried rows (and their kv, or None): its
-        logits (B, T, V), or with targets the sum of its tokens' losses; and the rows and kv
-        after it, folded if it is full (a window not yet full is read again by the next call)."""
+        logits (B, T, V), or with targets each stream's sum of its tokens' losses (B,); the rows
+        and kv after it, folded if it is full (a window not yet full is read again by the next
+        call); and with admit_reinforce, in training, the fold's log-probability (B,), else None."""
         window = self.open_window(rows, idx.size(1), kv)
         logits = self.lm_head(self.step(idx, window))  # (B, T, V)
         if targets is not None:
-            logits = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                                     targets.reshape(-1), ignore_index=-1, reduction="sum")
-        return (logits, *(self.fold(window) if window.n == self.config.window else (rows, kv)))
+            logits = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                     ignore_index=-1, reduction="none").view(targets.shape).sum(1)
+        if window.n < self.config.window:
+            return logits, rows, kv, None
+        rows, kv = self.fold(window)
+        return logits, rows, kv, sum(window.logp) if window.logp else None
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None,

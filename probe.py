@@ -107,7 +107,8 @@ def steps_to_learn(cfg, window, n_state, reset_state=False, every_byte=False, **
         x, y = (copy_batch if cfg.task == "copy" else recall_batch)(cfg, gen)
         if reset_state:  # each window alone, from the learned initial state
             start = model.initial_state(cfg.batch_size).rows
-            loss = sum(model.run_window(x[:, t:t + window], start, None, y[:, t:t + window])[0]
+            loss = sum(model.run_window(x[:, t:t + window], start, None,
+                                        y[:, t:t + window])[0].sum()  # (B,) summed
                        for t in range(0, x.size(1), window)) / (y != -1).sum()
         elif every_byte:
             logits, _, _ = model(x)

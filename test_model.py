@@ -541,6 +541,46 @@ def test_rows_scored_out_still_enter_the_memory_now_and_then_in_training():
     assert model.eval().admit(block, rows).all()  # scored > 0: every row enters
 
 
+def test_reinforce_credits_each_window_s_draws_with_the_loss_of_the_windows_after_it():
+    model = tiny(admit_reinforce=2.0, **MEMORY)
+    score = torch.zeros(2, requires_grad=True)  # two streams' admissions, drawn "kept"
+    logp = F.logsigmoid(score)
+    # window 0's draws: stream 0 then lost 5 in window 1, stream 1 lost 1; by threshold both 3
+    term = model.reinforce(torch.tensor([[1.0, 5.0], [1.0, 1.0]]), [logp, None],
+                           torch.tensor([[1.0, 3.0], [1.0, 3.0]]))
+    term.backward()
+    assert term.item() == 0.0  # worth nothing: the loss printed is the loss
+    # advantage +-2 against the threshold's 3, weight 2, d logsigmoid(0) = 0.5: the draw before
+    # the higher loss gets less likely (descent takes a positive gradient's score down)
+    assert torch.allclose(score.grad, torch.tensor([2.0, -2.0]))
+    score.grad = None
+    # a window's own loss, or a loss before it, is not its draws' doing: no gradient
+    model.reinforce(torch.tensor([[5.0, 3.0], [1.0, 1.0]]), [None, F.logsigmoid(score)],
+                    torch.ones(2, 2)).backward()
+    assert score.grad is None or not score.grad.any()
+
+
+def test_admit_reinforce_changes_the_gradient_of_training_only_never_the_loss():
+    idx, targets = tokens(40), tokens(40, seed=3)
+    results = {}
+    for weight in (0.0, 1.0):
+        model = tiny(admit_reinforce=weight, **MEMORY).train()
+        torch.manual_seed(5)  # the same admissions drawn
+        _, loss, state = model(idx, None, targets)
+        loss.backward()
+        results[weight] = (loss, state.rows, model.eval()(idx)[0],
+                           {name: p.grad.clone() for name, p in model.named_parameters()})
+    (loss0, rows0, eval0, grads0), (loss1, rows1, eval1, grads1) = results[0.0], results[1.0]
+    assert torch.equal(loss0, loss1) and torch.equal(rows0, rows1) and torch.equal(eval0, eval1)
+    for name, grad in grads0.items():  # the admissions' own gradient reaches the keep scores
+        assert torch.equal(grad, grads1[name]) != (".keep." in name), name  # and nothing else
+    # the baseline: the same windows admitting by threshold, as eval does, even in training
+    model = tiny(admit_reinforce=1.0, **MEMORY).train()
+    baseline = model.threshold_losses(idx, model.initial_state(2), targets)
+    assert baseline.shape == (2, 10) and not model.by_threshold  # 40 tokens, windows of 4
+    assert torch.allclose(baseline.sum() / targets.numel(), model.eval()(idx, None, targets)[1])
+
+
 def test_keep_score_learns_from_how_strongly_the_memory_is_read():
     model = tiny(**MEMORY).train()
     _, loss, _ = model(tokens(24), None, tokens(24, seed=3))

@@ -46,6 +46,7 @@ class TrainConfig:
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
     carry_kv: bool = False  # carry each row's keys and values as made; rows not evolved (faster)
+    admit_reinforce: float = 0.0  # REINFORCE on the memory's admissions: by the loss after them
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # C: channels
