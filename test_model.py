@@ -618,6 +618,23 @@ def test_mem_cost_lowers_the_keep_scores_of_the_carried_rows():
     assert kept[1] < kept[0] - 0.2, kept
 
 
+def test_a_softplus_keep_cost_keeps_pushing_a_high_score_down_where_sigmoid_fades():
+    x, y = tokens(16, batch=4), tokens(16, batch=4, seed=2)
+    fall = {}
+    for keep_cost in ("sigmoid", "softplus"):
+        model = tiny(**MEMORY).train()
+        for block in model.transformer.h:
+            block.keep.bias.data.fill_(8.0)  # every row kept, far above the threshold
+        cfg = train.TrainConfig(mem_cost=1.0, keep_cost=keep_cost)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # steps as large as gradients
+        state = None
+        for _ in range(4):
+            _, state = train.train_step(model, optimizer, x, y, state, cfg)
+        fall[keep_cost] = 8.0 - model.transformer.h[0].keep.bias.item()
+    # sigmoid's slope at 8 is 0.0003: the cost has all but stopped; softplus's is 1
+    assert fall["sigmoid"] < 0.01 and fall["softplus"] > 0.5, fall
+
+
 # ---- the design document -------------------------------------------------------------------
 
 def test_design_lists_every_model_test():

@@ -394,6 +394,9 @@ BAD_INPUT = {
     "float16 without CUDA": (lambda tmp, data, out: [
         "train.py", f"--data_dir={data}", "--dtype=float16", "--device=cpu",
         f"--out_dir={tmp}"], "dtype float16 needs CUDA"),
+    "unknown keep_cost": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}", "--keep_cost=relu", f"--out_dir={tmp}"],
+        "keep_cost must be sigmoid or softplus"),
     "n_mem above n_state": (lambda tmp, data, out: [
         "train.py", f"--data_dir={data}", "--n_state=8", "--n_mem=9", f"--out_dir={tmp}"],
         "n_mem must be at most n_state (8)"),

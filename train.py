@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoints import (Processes, autocast_for, check_out_dir, load_checkpoint, rng_states,
@@ -41,6 +42,8 @@ class TrainConfig:
     n_state: int = 96  # S: carried rows per layer (0: a plain GPT with a W-token context)
     n_mem: int = -1  # M: of the S rows, memory rows kept for their keep score; -1: S // 3
     mem_cost: float = 0.01  # a cost on keeping carried rows: a row stays if reading it pays
+    keep_cost: str = "sigmoid"  # the cost per row: sigmoid(score), which fades as a score grows,
+    #                             or softplus(score), which does not (a score settles at its worth)
     keep_init: float = 2.0  # the keep score's bias at first (> 0: every row is kept)
     token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
@@ -168,7 +171,8 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
             total = loss / A
             if cfg.mem_cost and raw.config.n_mem:  # a cost on keeping: see mem_cost
                 carried = state.rows[streams].detach()
-                kept = sum(torch.sigmoid(block.keep_score(carried[:, l])).mean()
+                cost = torch.sigmoid if cfg.keep_cost == "sigmoid" else F.softplus
+                kept = sum(cost(block.keep_score(carried[:, l])).mean()
                            for l, block in enumerate(raw.transformer.h))
                 total = total + cfg.mem_cost / A * kept
             (total if scaler is None else scaler.scale(total)).backward()
@@ -281,6 +285,8 @@ def train(cfg):
         fail("batch_size, bptt and grad_accum must all be >= 1")
     if cfg.init_from not in ("scratch", "resume"):
         fail(f"init_from must be scratch or resume, got {cfg.init_from!r}")
+    if cfg.keep_cost not in ("sigmoid", "softplus"):
+        fail(f"keep_cost must be sigmoid or softplus, got {cfg.keep_cost!r}")
     span = cfg.bptt * cfg.window
     mine = cfg.grad_accum * cfg.batch_size  # streams of this process
     n_streams = world * mine  # streams of all processes; process r reads its own `mine` of them
