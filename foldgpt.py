@@ -213,7 +213,8 @@ class FoldGPTConfig:
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
     carry_kv: bool = False  # carry each row's keys and values as they were made; rows not evolved
     admit_reinforce: float = 0.0  # in training, push each admission toward what lowered the loss
-    #                               of the windows after it (REINFORCE); 0: no gradient to it
+    #                               of the windows after it (REINFORCE); 0: no gradient to it.
+    #                               Measured, it learns to admit everything (docs/retention.md)
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
