@@ -203,6 +203,7 @@ def race(cfg, seconds, min_steps=0):
                               optimizer=make_optimizer(model, tcfg, torch.device(device).type),
                               train=StreamLoader(paths["train"], 16, span),
                               val=StreamLoader(paths["held-out"], 16, span))
+
         def spent(r):  # the share of its budget a run has used: the seconds, and the steps floor
             share = r["clock"] / seconds
             return min(share, (len(r["times"]) - 1) / min_steps) if min_steps else share

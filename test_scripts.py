@@ -873,7 +873,7 @@ def test_torchrun_two_processes_match_one_process_accumulating(trained, tmp_path
     two_dir = tmp_path / "two"
     two = torchrun(two_dir)
     if two.returncode != 0 and "SIGABRT" in two.stderr:
-        # Twice in CI (never in 50 runs here, under load or not) a gloo process was aborted by
+        # Twice in CI (never in 36 runs here, under load or not) a gloo process was aborted by
         # a signal, with no Python error: the transport, not this computation. Once more, anew;
         # a real fault fails again, and the first run's own output is shown either way.
         print(two.stderr[-3000:])
