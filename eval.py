@@ -299,7 +299,10 @@ def passkey_task(cfg, ckpt, models, device):
     title = (f"{cfg.trials} trials per cell, greedy; haystack {hay}; {cfg.wording} wording; "
              f"{cfg.out_dir}: W={W} S={c.n_state} (memory {c.n_mem}) L={c.n_layer}")
     print("pass-key retrieval, " + title)
-    if c.n_mem:
+    if c.n_mem and c.keep_context:
+        print("the first layer's memory lets rows in by their context (keep_context): "
+              "see the memory line")
+    elif c.n_mem:
         kept, n, kept_filler, n_filler = first_layer_keeps(model, enc)
         print(f"the first layer's memory lets in {len(kept)} of the marked prompts' {n} tokens: "
               f"{' '.join(repr(t) for t in kept) or 'none'}; of the filler's {n_filler}: "

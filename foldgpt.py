@@ -212,6 +212,11 @@ class FoldGPTConfig:
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
     carry_kv: bool = False  # carry each row's keys and values as they were made; rows not evolved
+    keep_context: bool = False  # a row's keep score is read from its position's row one layer
+    #                             up, which has read its window (the last layer: its own row);
+    #                             False: from the row itself (at the first layer: its byte)
+    keep_head_only: bool = False  # the gradient of how strongly memory rows are read stops at
+    #                               the keep heads: the rows it reads are not the score's to shape
     admit_reinforce: float = 0.0  # in training, push each admission toward what lowered the loss
     #                               of the windows after it (REINFORCE); 0: no gradient to it.
     #                               Measured, it learns to admit everything (docs/retention.md)
@@ -242,6 +247,8 @@ class FoldGPTConfig:
                              "even head size (the rotary code turns channel pairs)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.keep_context and self.carry_kv:
+            raise ValueError("keep_context and carry_kv cannot both be on: choose one")
 
 
 @dataclass
@@ -251,7 +258,9 @@ class State:
     rows: torch.Tensor  # (B, L, S, C): the condensed context, S rows per layer
     pending: torch.Tensor = None  # (B, r), r <= W: tokens since the last fold; None: none
     kv: torch.Tensor = None  # (B, L, S, 2C) with carry_kv: the rows' keys (not yet turned to a
-    #                          slot) and values as they were made; None: made from the rows
+    #                          slot) and values as they were made; with keep_context (B, L, M, C):
+    #                          each memory row's row one layer up (FoldGPT.context); None: made
+    #                          from the rows
 
     def __post_init__(self):
         if self.pending is None:
@@ -275,6 +284,8 @@ class Window:
     inputs: list = field(default_factory=list)  # per layer: (B, n, C) tokens entering Block l
     kept: list = field(default_factory=list)  # carry_kv, per layer: (B, S, 2C) carried rows' k|v
     made: list = field(default_factory=list)  # carry_kv, per layer: (B, n, 2C) the tokens' k|v
+    context: list = field(default_factory=list)  # keep_context, per layer: (B, M, C) the memory
+    #                                              rows' rows one layer up, their keep scores' input
     logp: list = field(default_factory=list)  # admit_reinforce, per layer: (B,) log-probability
     #                                           of the fold's admissions, as drawn in training
     n: int = 0  # tokens in the window so far
@@ -332,13 +343,17 @@ class FoldGPT(nn.Module):
         R = self.config.n_state - M
         G = min(size, R)  # the oldest G recent rows make way for the tokens
         window = Window()
+        context = self.context(rows, kv) if self.config.keep_context and M else None
         for l, block in enumerate(self.transformer.h):
             mem, recent = rows[:, l, :M], rows[:, l, M:]  # (B, M, C), (B, R, C)
             read, bias = mem, None
             if M:  # memory rows: read one step evolved, always from the rows as they entered
                 evolved = block(mem)[0]  # (B, M, C), each reading the older memory rows
                 read = mem + block.evolve * (evolved - mem)
-                bias = F.logsigmoid(block.keep_score(read))  # (B, M), <= 0
+                scored = read if context is None else context[:, l]  # (B, M, C)
+                bias = F.logsigmoid(block.keep_score(scored, self.config.keep_head_only))  # (B, M)
+                if context is not None:
+                    window.context.append(context[:, l])
             # The memory rows and the rows that make way only lend their keys and values; the
             # recent rows that stay read them and each other: Block l evolves them once more.
             carried = torch.cat([read, recent], dim=1)  # (B, S, C)
@@ -377,10 +392,32 @@ class FoldGPT(nn.Module):
             window.made.append(kept[:, :0])  # (B, 0, 2C): no tokens yet
             window.tail.append(last_rows(layer, K))
             window.mem.append(mem)
-            window.bias.append(F.logsigmoid(block.keep_score(mem)) if M else None)  # (B, M)
+            window.bias.append(F.logsigmoid(block.keep_score(mem, self.config.keep_head_only))
+                               if M else None)  # (B, M)
             window.recent.append(recent)
             window.inputs.append(layer[:, :0])  # (B, 0, C): no tokens yet
         return window
+
+    def context(self, rows, kv):
+        """keep_context: the rows (B, L, M, C) the memory rows' keep scores read, each memory
+        row's row one layer up (kv, carried beside the rows), or at a stream's start (kv None)
+        the initial state's memory rows one layer up; the last layer reads its own."""
+        if kv is not None:
+            return kv
+        L, M = self.config.n_layer, self.config.n_mem
+        return rows[:, [min(l + 1, L - 1) for l in range(L)], :M]  # (B, L, M, C)
+
+    def keep_scores(self, rows, kv=None):
+        """Per layer, the keep scores (B, S) of the carried rows (B, L, S, C) as admit and the
+        memory's reading see them: of the rows themselves, or with keep_context, for the memory
+        rows of their context (kv, see context) and for the recent ones of the rows one layer
+        up at the same positions."""
+        if not self.config.keep_context:
+            return [block.keep_score(rows[:, l]) for l, block in enumerate(self.transformer.h)]
+        L, M = self.config.n_layer, self.config.n_mem
+        context = self.context(rows, kv)
+        return [block.keep_score(torch.cat([context[:, l], rows[:, min(l + 1, L - 1), M:]], 1))
+                for l, block in enumerate(self.transformer.h)]
 
     def step(self, idx, window):
         """Run the next tokens idx (B, T) of the window; returns their final states (B, T, C)."""
@@ -397,26 +434,39 @@ class FoldGPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def fold(self, window):
-        """The next rows (B, L, S, C), and with carry_kv their k|v (B, L, S, 2C), else None: per
-        layer, the last R of [recent rows ; tokens at layer l] stay recent; those pushed out
-        enter the memory if admit lets them (see remember)."""
-        C, M = self.config.n_embd, self.config.n_mem
+        """The next rows (B, L, S, C), and with carry_kv their k|v (B, L, S, 2C), with
+        keep_context the memory rows' rows one layer up (B, L, M, C), else None: per layer, the
+        last R of [recent rows ; tokens at layer l] stay recent; those pushed out enter the
+        memory if admit lets them (see remember)."""
+        C, M, L = self.config.n_embd, self.config.n_mem, self.config.n_layer
         R = self.config.n_state - M
-        rows = []
+        layers = [torch.cat([recent, inputs], dim=1)  # per layer (B, R+W, C), the same positions
+                  for recent, inputs in zip(window.recent, window.inputs)]
+        rows, context = [], []
         for l, block in enumerate(self.transformer.h):
-            layer = torch.cat([window.recent[l], window.inputs[l]], dim=1)  # (B, R+W, C)
+            layer = layers[l]  # (B, R+W, C)
             mem = window.mem[l]  # (B, M, C)
             if window.kept:  # carry_kv: each row's k|v go with it, side by side, (B, *, 3C)
                 made = torch.cat([window.kept[l][:, M:], window.made[l]], dim=1)  # (B, R+W, 2C)
                 layer = torch.cat([layer, made], dim=-1)
                 mem = torch.cat([mem, window.kept[l][:, :M]], dim=-1)
+            if window.context:  # keep_context: each row's row one layer up goes with it, (B, *, 2C)
+                layer = torch.cat([layer, layers[min(l + 1, L - 1)]], dim=-1)
+                mem = torch.cat([mem, window.context[l]], dim=-1)
             pushed, recent = layer.split([layer.size(1) - R, R], dim=1)
             if M:
-                keep = self.admit(block, pushed[..., :C],
+                scored = pushed[..., C:] if window.context else pushed[..., :C]  # (B, G, C)
+                keep = self.admit(block, scored,
                                   window.logp if self.config.admit_reinforce else None)
                 mem = self.remember(mem, pushed, keep)
+            if window.context:
+                mem, kept_context = mem.split(C, dim=-1)
+                recent = recent[..., :C]
+                context.append(kept_context)  # (B, M, C)
             rows.append(torch.cat([mem, recent], dim=1))  # (B, S, C) or (B, S, 3C)
         rows = torch.stack(rows, dim=1)  # (B, L, S, C) or (B, L, S, 3C)
+        if context:
+            return rows, torch.stack(context, dim=1)  # (B, L, S, C), (B, L, M, C)
         return (rows, None) if not window.kept else rows.split([C, 2 * C], dim=-1)
 
     def admit(self, block, rows, logp=None):

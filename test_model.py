@@ -20,8 +20,9 @@ MEMORY = dict(n_state=10, n_mem=6)  # 6 memory rows and 4 recent rows per layer
 SHIFT3 = dict(token_shift=3, **MEMORY)  # keys read 3 rows back, across memory and windows
 STAY = dict(n_state=12, n_mem=4)  # 4 memory rows and 8 recent rows: 4 stay through a window
 KEPT = dict(carry_kv=True, **SHIFT3)  # rows carried with the keys and values they were made with
-CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY)]
-IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay"]
+CONTEXT = dict(keep_context=True, **STAY)  # keep scores read from the rows one layer up
+CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY), CONTEXT]
+IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay", "context"]
 
 
 def tiny(**changes):
@@ -86,7 +87,8 @@ def test_streaming_equivalence_one_call_windows_and_tokens(config):
         per_window.append(logits)
     assert torch.allclose(whole, torch.cat(per_window, dim=1), atol=1e-5)
     assert torch.allclose(state_whole.rows, state.rows, atol=1e-5)
-    assert (state.kv is None) == (not model.config.carry_kv or not model.config.n_state)
+    c = model.config
+    assert (state.kv is None) == (not (c.carry_kv or c.keep_context and c.n_mem) or not c.n_state)
     if state.kv is not None:
         assert torch.allclose(state_whole.kv, state.kv, atol=1e-5)
     assert torch.allclose(whole, logits_token_by_token(model, idx), atol=1e-5)
@@ -403,7 +405,8 @@ def test_defaults_are_the_quick_start_model():
 def test_config_check_refuses_sizes_that_cannot_work():
     for bad in (dict(window=0), dict(n_state=-1), dict(n_state=8, n_mem=9), dict(n_layer=0),
                 dict(vocab_size=0), dict(n_embd=30), dict(n_embd=12, n_head=4),
-                dict(dropout=1.0), dict(dropout=1.5), dict(dropout=-0.1)):
+                dict(dropout=1.0), dict(dropout=1.5), dict(dropout=-0.1),
+                dict(keep_context=True, carry_kv=True, **MEMORY)):
         with pytest.raises(ValueError):
             FoldGPTConfig(**{**TINY, **bad}).check()
     for good in (dict(window=1), dict(n_state=8, n_mem=8), dict(n_layer=1, n_head=1),
@@ -481,6 +484,53 @@ def test_with_carry_kv_a_memory_row_keeps_the_keys_and_values_its_own_context_ga
         # would read the memory rows before them, not the tokens that came before them.
         again = block.attn.project(*block.norm(state.rows[:, l]))[1][:, 2:6]
         assert not torch.allclose(again, made[l][..., :16], atol=1e-3)
+
+
+@torch.no_grad()
+def test_with_keep_context_a_row_s_admission_depends_on_what_came_before_it():
+    scores = {}
+    for name, design in [("byte", MEMORY), ("context", dict(keep_context=True, **MEMORY))]:
+        model = tiny(**design)
+        for block in model.transformer.h:
+            torch.nn.init.normal_(block.keep.weight, std=1.0)  # scores far from 0 either way
+            block.keep.bias.zero_()
+            torch.nn.init.normal_(block.attn.c_proj.weight, std=1.0)  # what a row reads counts
+        recorded, admit = [], model.admit
+
+        def recording(block, rows, logp=None):
+            if block is model.transformer.h[0]:
+                recorded.append(block.keep_score(rows))  # (B, G) of the rows pushed out
+            return admit(block, rows, logp)
+
+        model.admit = recording
+        idx = tokens(12, batch=64)
+        idx[1::2, 6:] = idx[::2, 6:]  # stream pairs: other tokens 0-5, the same 6-11
+        model(idx)
+        scores[name] = recorded[2][:, 2:]  # the third fold pushes out tokens 4-7: score 6, 7
+    byte, context = (scores[n].view(32, 2, 2) for n in ("byte", "context"))  # pairs side by side
+    assert torch.equal(byte[:, 0], byte[:, 1])  # the first layer's row is its token: by byte
+    assert not torch.allclose(context[:, 0], context[:, 1], atol=1e-3)  # by what came before
+    assert ((context[:, 0] > 0) != (context[:, 1] > 0)).any()  # the same token, in or out
+
+
+@torch.no_grad()
+def test_with_keep_context_each_memory_row_carries_its_row_one_layer_up():
+    model = tiny(**CONTEXT)  # S=12: 4 memory rows, 8 recent; 2 layers
+    for block in model.transformer.h:
+        block.keep.bias.fill_(50.0)  # every row pushed out enters the memory
+    _, _, state = model(tokens(12))  # 3 windows: the rows of tokens 0-3 have left
+    window = model.open_window(state.rows, 4, state.kv)
+    model.step(tokens(4, seed=5), window)
+    rows, context = model.fold(window)  # tokens 4-7 leave the recent rows, enter the memory
+    assert context.shape == (2, 2, 4, 16)
+    assert torch.equal(rows[:, 0], torch.cat([window.recent[0][:, :4], rows[:, 0, 4:]], 1))
+    assert torch.equal(context[:, 0], window.recent[1][:, :4])  # the same rows one layer up
+    assert torch.equal(context[:, 1], window.recent[1][:, :4])  # the last layer: its own
+    reading = model.open_window(rows, 4, context)  # read as strongly as they scored to enter
+    for l, block in enumerate(model.transformer.h):
+        assert torch.equal(reading.bias[l], F.logsigmoid(block.keep_score(context[:, l])))
+        assert torch.equal(model.keep_scores(rows, context)[l][:, :4],
+                           block.keep_score(context[:, l]))
 
 
 def test_memory_keeps_the_newest_rows_whose_keep_score_is_positive():
@@ -589,6 +639,23 @@ def test_keep_score_learns_from_how_strongly_the_memory_is_read():
         assert block.keep.weight.grad.abs().sum() > 0 and block.evolve.grad != 0
 
 
+@pytest.mark.parametrize("design", [MEMORY, CONTEXT], ids=["byte", "context"])
+def test_keep_head_only_stops_the_read_s_gradient_at_the_keep_heads(design):
+    idx, targets = tokens(24), tokens(24, seed=3)
+    grads = {}
+    for head_only in (False, True):
+        model = tiny(keep_head_only=head_only, **design)  # eval mode: the same admissions
+        _, loss, _ = model(idx, None, targets)
+        loss.backward()
+        grads[head_only] = loss, {name: p.grad.clone() for name, p in model.named_parameters()}
+    (loss0, grads0), (loss1, grads1) = grads[False], grads[True]
+    assert torch.equal(loss0, loss1)  # the same model, the same loss
+    for name, grad in grads0.items():
+        if ".keep." in name:  # the keep heads learn as before
+            assert torch.allclose(grad, grads1[name], atol=1e-6) and grad.abs().sum() > 0, name
+    assert not torch.allclose(grads0["transformer.wte.weight"], grads1["transformer.wte.weight"])
+
+
 @torch.no_grad()
 def test_keep_scores_weigh_how_strongly_the_memory_rows_are_read():
     model = tiny(token_shift=0, **MEMORY)  # no token shift: memory rows reach tokens by reading
@@ -602,19 +669,20 @@ def test_keep_scores_weigh_how_strongly_the_memory_rows_are_read():
         assert torch.allclose(a, b, atol=1e-5) == same  # -60: the memory is not read at all
 
 
-def test_mem_cost_lowers_the_keep_scores_of_the_carried_rows():
+@pytest.mark.parametrize("design", [MEMORY, CONTEXT], ids=["byte", "context"])
+def test_mem_cost_lowers_the_keep_scores_of_the_carried_rows(design):
     x, y = tokens(16, batch=4), tokens(16, batch=4, seed=2)
     kept = []
     for mem_cost in (0.0, 10.0):
-        model = tiny(**MEMORY).train()
+        model = tiny(**design).train()
         cfg = train.TrainConfig(mem_cost=mem_cost, learning_rate=0.1)
         optimizer = train.make_optimizer(model, cfg, "cpu")
         state = None
         for _ in range(10):
             _, state = train.train_step(model, optimizer, x, y, state, cfg)
         with torch.no_grad():
-            kept.append(sum(torch.sigmoid(block.keep_score(state.rows[:, l])).mean()
-                            for l, block in enumerate(model.transformer.h)).item())
+            kept.append(sum(torch.sigmoid(score).mean()
+                            for score in model.keep_scores(state.rows, state.kv)).item())
     assert kept[1] < kept[0] - 0.2, kept
 
 

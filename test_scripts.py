@@ -373,6 +373,9 @@ BAD_INPUT = {
     "resume with another model shape": (lambda tmp, data, out: [
         "train.py", *TINY_RUN, "--n_layer=3", f"--data_dir={data}", "--init_from=resume",
         "--max_iters=1000", f"--out_dir={out}"], "trained with another model or tokenizer"),
+    "keep_context with carry_kv": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}", "--keep_context=True", "--carry_kv=True",
+        f"--out_dir={tmp}"], "keep_context and carry_kv cannot both be on"),
     "resume past max_iters": (lambda tmp, data, out: [
         "train.py", *TINY_RUN, f"--data_dir={data}", "--init_from=resume", "--max_iters=80",
         f"--out_dir={out}"], "give a larger --max_iters"),
@@ -599,6 +602,19 @@ def test_resume_after_sigkill_is_bit_identical(straight, tmp_path):
     got_iters, got = ckpt_tensors(str(tmp_path))
     assert got_iters == iters == 100 and len(got) == len(expected)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_checkpoint_saved_before_a_switch_existed_resumes_with_it_off(trained, tmp_path):
+    data, out, _ = trained
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    del ckpt["model_args"]["keep_context"]  # as a checkpoint of session 10 has it
+    os.makedirs(tmp_path / "old")
+    torch.save(ckpt, tmp_path / "old" / "ckpt.pt")
+    done = run_in("train.py", *TINY_RUN, f"--data_dir={data}", "--init_from=resume",
+                  "--max_iters=81", f"--out_dir={tmp_path / 'old'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
+    assert resumed["iter_num"] == 81 and resumed["model_args"]["keep_context"] is False
 
 
 def test_ctrl_c_saves_and_resume_is_bit_identical(straight, tmp_path):
@@ -986,7 +1002,27 @@ def test_probe_trains_each_design_it_compares():
     cfg = probe.ProbeConfig(task="recall", batch_size=2, max_steps=2, n_layer=1, n_embd=32,
                             n_head=2, target=-1.0)  # a loss never below -1: every step runs
     for design in (dict(), dict(reset_state=True), dict(every_byte=True), dict(token_shift=0)):
-        assert probe.steps_to_learn(cfg, cfg.window, cfg.n_state, **design) is None
+        assert probe.steps_to_learn(cfg, cfg.window, cfg.n_state, **design)[0] is None
+    cfg.task, cfg.gap = "haystack", 1  # with memory rows, kept by byte or by context
+    for design in (dict(n_mem=32), dict(n_mem=32, keep_context=True)):
+        assert probe.steps_to_learn(cfg, cfg.window, cfg.n_state, **design)[0] is None
+
+
+@pytest.mark.parametrize("numbers", [True, False])
+def test_haystack_probe_asks_in_the_last_window_for_keys_only_the_first_saw(numbers):
+    import probe
+    cfg = probe.ProbeConfig(task="haystack", batch_size=4, digits=2, gap=3, numbers=numbers)
+    x, y = probe.haystack_batch(cfg, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 160)  # 5 windows of 32: the keys', 3 between, the question's
+    for b in range(4):
+        asked = (y[b] != -1).nonzero().flatten().tolist()
+        assert len(asked) == 3 * 2 and min(asked) >= 128  # all in the last window
+        for t in asked[::2]:  # x[t]: a marker seen once before, in the first window
+            first = (x[b, :128] == x[b, t]).nonzero().flatten().tolist()
+            assert chr(x[b, t]) in "#$%&*+=@^~" and len(first) == 1 and first[0] < 32
+            assert torch.equal(x[b, first[0] + 1:first[0] + 3], y[b, t:t + 2])
+        digits = sum(chr(c).isdigit() for c in x[b, 32:128].tolist())  # the 3 windows between
+        assert digits >= 24 if numbers else digits == 0  # about ten digits a window, or none
 
 
 @pytest.mark.parametrize("digits", [1, 5])

@@ -49,6 +49,8 @@ class TrainConfig:
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
     carry_kv: bool = False  # carry each row's keys and values as made; rows not evolved (faster)
+    keep_context: bool = False  # the keep score reads a row one layer up, which knows its window
+    keep_head_only: bool = False  # the read's gradient to the keep scores stops at the keep heads
     admit_reinforce: float = 0.0  # REINFORCE on the memory's admissions: by the loss after them
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
@@ -170,10 +172,10 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
                                        grad_ckpt=cfg.grad_ckpt)
             total = loss / A
             if cfg.mem_cost and raw.config.n_mem:  # a cost on keeping: see mem_cost
-                carried = state.rows[streams].detach()
+                carried = state.select(streams)
                 cost = torch.sigmoid if cfg.keep_cost == "sigmoid" else F.softplus
-                kept = sum(cost(block.keep_score(carried[:, l])).mean()
-                           for l, block in enumerate(raw.transformer.h))
+                kept = sum(cost(score).mean() for score in raw.keep_scores(
+                    carried.rows.detach(), None if carried.kv is None else carried.kv.detach()))
                 total = total + cfg.mem_cost / A * kept
             (total if scaler is None else scaler.scale(total)).backward()
         losses.append(loss.detach())
@@ -252,7 +254,8 @@ def build(cfg, meta, procs, ckpt_path):
         model = FoldGPT(model_args).to(procs.device)
         return model, make_optimizer(model, cfg, procs.device_type), None
     ckpt, model = load_checkpoint(cfg.out_dir, procs.device)
-    if ckpt["model_args"] != asdict(model_args) or ckpt["meta"]["tokenizer"] != meta["tokenizer"]:
+    # model.config: the saved settings, with the defaults of any added since (a switch, off)
+    if asdict(model.config) != asdict(model_args) or ckpt["meta"]["tokenizer"] != meta["tokenizer"]:
         fail(f"{ckpt_path} was trained with another model or tokenizer than this config and "
              f"{cfg.data_dir} give: resume with the settings it was trained with")
     optimizer = make_optimizer(model, cfg, procs.device_type)
