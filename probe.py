@@ -56,7 +56,7 @@ class ProbeConfig:
     digits: int = 1  # recall, haystack: digits per key (a pass key has 5)
     gap: int = 5  # haystack: windows between the keys' window and the question's
     numbers: bool = True  # haystack: numbers sown among the filler (False: the filler alone)
-    mem_cost: float = 0.01  # haystack: train.py's cost on keeping memory rows (see train.py)
+    mem_cost: float = 0.01  # with memory rows: train.py's cost on keeping them (see train.py)
     window: int = 32  # W; the copy is 32 letters, so with W = 32 it crosses one boundary
     n_state: int = 64  # S of the FoldGPT row
     n_layer: int = 4
@@ -157,7 +157,7 @@ def steps_to_learn(cfg, window, n_state, reset_state=False, every_byte=False, **
                                         y[:, t:t + window])[0].sum()  # (B,) summed
                        for t in range(0, x.size(1), window)) / (y != -1).sum()
         elif every_byte:
-            logits, _, _ = model(x)
+            logits, _, after = model(x)
             every = torch.cat([x[:, 1:], y[:, -1:]], dim=1)  # the next byte, everywhere
             every[:, -1] = -1  # (the byte after the last is not in x)
             every = torch.where(y != -1, y, every)

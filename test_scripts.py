@@ -1004,7 +1004,8 @@ def test_probe_trains_each_design_it_compares():
     for design in (dict(), dict(reset_state=True), dict(every_byte=True), dict(token_shift=0)):
         assert probe.steps_to_learn(cfg, cfg.window, cfg.n_state, **design)[0] is None
     cfg.task, cfg.gap = "haystack", 1  # with memory rows, kept by byte or by context
-    for design in (dict(n_mem=32), dict(n_mem=32, keep_context=True)):
+    for design in (dict(n_mem=32), dict(n_mem=32, keep_context=True),
+                   dict(n_mem=32, every_byte=True)):
         assert probe.steps_to_learn(cfg, cfg.window, cfg.n_state, **design)[0] is None
 
 
