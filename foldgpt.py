@@ -220,6 +220,9 @@ class FoldGPTConfig:
     admit_reinforce: float = 0.0  # in training, push each admission toward what lowered the loss
     #                               of the windows after it (REINFORCE); 0: no gradient to it.
     #                               Measured, it learns to admit everything (docs/retention.md)
+    keep_supervise: float = 0.0  # in training, teach the keep scores of a window's tokens to
+    #                              pick those the data marks as where a key is said (forward's
+    #                              keep_targets); 0: the scores learn only from the loss
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -494,12 +497,14 @@ class FoldGPT(nn.Module):
         out = rows.new_zeros(B, M + 1, C).scatter(1, slot[..., None].expand(-1, -1, C), rows)
         return out[:, :M]  # (B, M, C)
 
-    def forward(self, idx, state=None, targets=None, grad_ckpt=False):
+    def forward(self, idx, state=None, targets=None, grad_ckpt=False, keep_targets=None):
         """A stream of any length, window by window: idx (B, N) -> logits (B, N, V), the mean
         loss over targets (B, N) (-1: none) or None, and the State after it. The state's pending
         tokens are read first, so model(a) then model(b, state) gives what model(a + b) gives.
         With targets, logits are not kept (None): each window turns its own into its loss.
-        grad_ckpt keeps only what enters each window, and backward runs the window again."""
+        grad_ckpt keeps only what enters each window, and backward runs the window again.
+        keep_targets (B, N) bool, with keep_supervise in training: which tokens of idx the keep
+        scores should pick (see keep_loss)."""
         W = self.config.window
         state = self.initial_state(idx.size(0)) if state is None else state
         r = state.pending.size(1)
@@ -509,7 +514,10 @@ class FoldGPT(nn.Module):
         run = self.run_window
         if grad_ckpt and torch.is_grad_enabled():
             run = partial(checkpoint, self.run_window, use_reentrant=False)
-        outs, logps, rows, kv = self.run_windows(run, idx, state.rows, state.kv, targets)
+        supervise = (keep_targets is not None and self.training and self.config.n_mem > 0
+                     and self.config.keep_supervise > 0)
+        outs, logps, scores, rows, kv = self.run_windows(run, idx, state.rows, state.kv, targets,
+                                                         supervise)
         after = State(rows, idx[:, idx.size(1) // W * W:], kv)  # a window not yet full waits
         if targets is None:
             return torch.cat(outs, dim=1)[:, r:], None, after  # (B, N, V)
@@ -517,18 +525,25 @@ class FoldGPT(nn.Module):
         loss = losses.sum()
         if self.config.admit_reinforce and self.training:
             loss = loss + self.reinforce(losses, logps, self.threshold_losses(idx, state, targets))
-        return None, loss / (targets != -1).sum().clamp(min=1), after
+        loss = loss / (targets != -1).sum().clamp(min=1)
+        if supervise:
+            loss = loss + self.keep_loss(torch.cat(scores, dim=2),
+                                         F.pad(keep_targets.long(), (r, 0), value=-1))
+        return None, loss, after
 
-    def run_windows(self, run, idx, rows, kv, targets):
+    def run_windows(self, run, idx, rows, kv, targets, scores=False):
         """run (run_window, or it checkpointed) on each window of idx in turn, the rows going
-        on: the windows' outputs and admissions' log-probabilities, and the last rows and kv."""
-        W, outs, logps = self.config.window, [], []
+        on: the windows' outputs, admissions' log-probabilities and (scores) their tokens' keep
+        scores, and the last rows and kv."""
+        W, outs, logps, keeps = self.config.window, [], [], []
         for t in range(0, idx.size(1), W):
-            out, rows, kv, logp = run(idx[:, t:t + W], rows, kv,
-                                      None if targets is None else targets[:, t:t + W])
+            out, rows, kv, logp, keep = run(idx[:, t:t + W], rows, kv,
+                                            None if targets is None else targets[:, t:t + W],
+                                            scores)
             outs.append(out)
             logps.append(logp)
-        return outs, logps, rows, kv
+            keeps.append(keep)
+        return outs, logps, keeps, rows, kv
 
     @torch.no_grad()
     def threshold_losses(self, idx, state, targets):
@@ -559,20 +574,45 @@ class FoldGPT(nn.Module):
                 term = term + (advantage[:, w] * (logp - logp.detach())).sum()
         return self.config.admit_reinforce * term
 
-    def run_window(self, idx, rows, kv=None, targets=None):
+    def run_window(self, idx, rows, kv=None, targets=None, scores=False):
         """One window, idx (B, T) with T <= W, on the carried rows (and their kv, or None): its
         logits (B, T, V), or with targets each stream's sum of its tokens' losses (B,); the rows
         and kv after it, folded if it is full (a window not yet full is read again by the next
-        call); and with admit_reinforce, in training, the fold's log-probability (B,), else None."""
+        call); with admit_reinforce, in training, the fold's log-probability (B,), else None;
+        and if scores, the keep scores of its tokens (B, L, T) as the fold will see them, else
+        None."""
         window = self.open_window(rows, idx.size(1), kv)
         logits = self.lm_head(self.step(idx, window))  # (B, T, V)
         if targets is not None:
             logits = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                      ignore_index=-1, reduction="none").view(targets.shape).sum(1)
+        keep = self.token_keep_scores(window) if scores else None
         if window.n < self.config.window:
-            return logits, rows, kv, None
+            return logits, rows, kv, None, keep
         rows, kv = self.fold(window)
-        return logits, rows, kv, sum(window.logp) if window.logp else None
+        return logits, rows, kv, sum(window.logp) if window.logp else None, keep
+
+    def token_keep_scores(self, window):
+        """(B, L, T): each layer's keep score of the window's T tokens, read as the fold reads
+        it when they are pushed out (of the row itself, or with keep_context one layer up)."""
+        L, up = self.config.n_layer, self.config.keep_context
+        return torch.stack([block.keep_score(window.inputs[min(l + 1, L - 1) if up else l])
+                            for l, block in enumerate(self.transformer.h)], dim=1)
+
+    def keep_loss(self, scores, targets):
+        """keep_supervise: a term worth exactly 0 whose gradient teaches the keep scores (B, L,
+        N) to pick the tokens targets (B, N) marks 1 and no other (0; -1: neither), each layer
+        alike: binary cross-entropy, the marked tokens and the others weighing half each, so
+        that a few marked tokens among many count. The printed loss stays the model's own."""
+        targets = targets[:, None, :].expand_as(scores)
+        bce = F.binary_cross_entropy_with_logits(scores.float(), targets.clamp(min=0).float(),
+                                                 reduction="none")
+        term = scores.new_zeros((), dtype=torch.float32)
+        for side in (targets == 1, targets == 0):
+            if side.any():
+                term = term + 0.5 * bce[side].mean()
+        term = self.config.keep_supervise * term
+        return term - term.detach()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None,

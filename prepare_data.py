@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -196,18 +197,25 @@ def passkey_document(rng, max_gap, rounds, haystack, marked=True):
     return "".join(parts), spans
 
 
+# Where a document says what its key is: "key is 12345" (or "#12345"), stated or answered. A
+# memory taught by these marks (train.py --keep_supervise) learns to keep them by their words.
+KEY_SAID = re.compile(r"key is #?\d+")
+
+
 def encode_with_targets(enc, doc, spans, sizes=None):
-    """Token ids of doc and a same-length list of 0/1 marking the tokens that hold a character
-    of a recall target (with GPT-2's BPE, " 12345" is " 123" "45": the space is marked too).
+    """Token ids of doc and a same-length list of marks: 1 on the tokens that hold a character
+    of a recall target (with GPT-2's BPE, " 12345" is " 123" "45": the space is marked too), 2
+    on the other tokens of each "key is 12345" (KEY_SAID), 0 elsewhere.
     sizes: each token id's length in bytes, if at hand."""
     ids = np.array(enc.encode_ordinary(doc), dtype=np.int64)
     if sizes is None:
         sizes = token_sizes(enc)
     ends = np.cumsum(sizes[ids])
     starts, marks = ends - sizes[ids], np.zeros(len(ids), dtype=np.uint8)
-    for a, b in spans:  # character spans -> byte spans of the UTF-8 text
-        a, b = len(doc[:a].encode()), len(doc[:b].encode())
-        marks[(starts < b) & (ends > a)] = 1
+    said = [(m.start(), m.end(), 2) for m in KEY_SAID.finditer(doc)]
+    for a, b, mark in said + [(a, b, 1) for a, b in spans]:  # the recall targets win
+        a, b = len(doc[:a].encode()), len(doc[:b].encode())  # character -> byte spans
+        marks[(starts < b) & (ends > a)] = mark
     return ids.tolist(), marks.tolist()
 
 
@@ -323,8 +331,8 @@ def write_tokens(pieces, tokenizer, path, workers=1):
 
 
 def write_marked(docs, enc, path):
-    """Write passkey documents' ids to path and their recall marks (uint8, 1 on a recall
-    target) beside it, as <split>_recall.bin. Returns the number of tokens written."""
+    """Write passkey documents' ids to path and their marks (uint8, 1 on a recall target, 2 on
+    the rest of where a key is said, see encode_with_targets) beside it, as <split>_recall.bin. Returns the number of tokens written."""
     total, sizes = 0, token_sizes(enc)
     with open(path, "wb") as out, open(path.replace(".bin", "_recall.bin"), "wb") as marked:
         for doc, spans in docs:

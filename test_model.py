@@ -703,6 +703,59 @@ def test_a_softplus_keep_cost_keeps_pushing_a_high_score_down_where_sigmoid_fade
     assert fall["sigmoid"] < 0.01 and fall["softplus"] > 0.5, fall
 
 
+@pytest.mark.parametrize("design", [STAY, CONTEXT], ids=["byte", "context"])
+@torch.no_grad()
+def test_the_supervised_keep_scores_are_those_the_fold_admits_by(design):
+    model = tiny(**design)  # 4 memory rows, 8 recent: a window's 4 tokens stay a window more
+    for block in model.transformer.h:
+        block.evolve.fill_(0.0)  # the recent rows stay as written
+    _, _, state = model(tokens(8))
+    window = model.open_window(state.rows, 4, state.kv)
+    model.step(tokens(4, seed=5), window)
+    supervised = model.token_keep_scores(window)  # (B, L, 4): what keep_supervise teaches
+    rows, kv = model.fold(window)  # the window's tokens are now the newest 4 recent rows
+    for l, scores in enumerate(model.keep_scores(rows, kv)):  # what admit will read
+        assert torch.allclose(supervised[:, l], scores[:, -4:], atol=1e-6)
+
+
+@pytest.mark.parametrize("design", [STAY, CONTEXT], ids=["byte", "context"])
+def test_keep_supervise_moves_the_keep_scores_toward_the_marks_and_not_the_loss(design):
+    idx, targets = tokens(16), tokens(16, seed=3)
+    marked = torch.zeros(2, 16, dtype=torch.bool)
+    marked[:, [5, 6, 9, 14]] = True  # the tokens the keep scores should pick
+    model = tiny(keep_supervise=1.0, **design).train()
+    grads, losses = [], []
+    for keep_targets in (None, marked):
+        model.zero_grad()
+        torch.manual_seed(3)  # the same admissions in both
+        _, loss, _ = model(idx, None, targets, keep_targets=keep_targets)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert torch.equal(losses[0], losses[1])  # the printed loss is the model's own
+    teach = {name: grads[1][name] - grads[0][name] for name in grads[0]}  # the keep term's
+    assert all(teach[f"transformer.h.{l}.keep.weight"].abs().sum() > 0 for l in range(2))
+
+    def scores():  # each layer's keep scores of the 16 tokens, window by window
+        rows, kv, out = None, None, []
+        model.eval()  # admission by the threshold: the same rows before and after the step
+        with torch.no_grad():
+            for t in range(0, 16, 4):
+                rows = model.initial_state(2).rows if rows is None else rows
+                _, rows, kv, _, keep = model.run_window(idx[:, t:t + 4], rows, kv, None, True)
+                out.append(keep)
+        return torch.cat(out, dim=2)  # (B, L, 16)
+
+    before = scores()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p -= 0.5 * teach[name]
+    change = scores() - before
+    # on average over each stream and layer, the marked tokens' scores rose, the others' fell
+    assert (change[:, :, marked[0]].mean(2) > 0).all(), change
+    assert (change[:, :, ~marked[0]].mean(2) < 0).all(), change
+
+
 # ---- the design document -------------------------------------------------------------------
 
 def test_design_lists_every_model_test():

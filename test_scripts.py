@@ -153,12 +153,23 @@ def test_recall_marks_sit_on_the_keys_said_again(tmp_path, monkeypatch, tokenize
     docs = prepare_data.passkey_corpus(2_000, 1024, 1337 + 1, "held-out", 0.75, 0.5)
     assert len(marks) == len(ids) and ids.tolist() == [
         t for doc, _ in docs for t in enc.encode_ordinary(doc) + [enc.eot_token]]
-    edges = np.flatnonzero(np.diff(np.r_[0, marks, 0]))  # where each marked run starts, ends
-    said = [enc.decode(ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
+    def runs(marked):  # the text of each run of marked tokens
+        edges = np.flatnonzero(np.diff(np.r_[0, marked, 0]))  # where each run starts, ends
+        return [enc.decode(ids[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
+
+    said = runs(marks == 1)
     keys = [m.group(2) for doc, _ in docs for m in KEY.finditer(doc)]
     # the tokens of the key's digits, no more (GPT-2's BPE joins a space before a number to it)
     assert len(keys) >= 2 and said == [(" " if tokenizer == "gpt2" and s.startswith(" ") else "")
                                        + k for s, k in zip(said, [k for k in keys for _ in "ab"])]
+    # mark 2: the rest of where a key is said, so that all marks together are each key stated,
+    # said again, and answered ("key is 12345", "12345", "key is 12345")
+    assert set(np.unique(marks)) == {0, 1, 2}
+    stated = runs(marks > 0)
+    assert len(stated) == 3 * len(keys)
+    for i, k in enumerate(k for k in keys for _ in "abc"):
+        words = "key is #?" if i % 3 != 1 else ""
+        assert re.fullmatch(f" ?{words}{k}", stated[i]), (stated[i], k)
 
 
 def test_recall_warmup_counts_only_the_marked_targets(tmp_path):
@@ -171,6 +182,8 @@ def test_recall_warmup_counts_only_the_marked_targets(tmp_path):
     assert kept.any() and torch.equal(y[kept], y_all[kept])
     assert ((y[kept] >= ord("0")) & (y[kept] <= ord("9"))).all()  # only digits count
     assert (y_all[~kept] != -1).all()  # and everything else counts after the warmup
+    marks = torch.from_numpy(loader.marks[:, :1024].astype(np.int64))  # x's tokens' marks
+    assert torch.equal(loader.keep, marks > 0) and (marks == 2).any()  # keep_supervise's targets
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
@@ -376,6 +389,9 @@ BAD_INPUT = {
     "keep_context with carry_kv": (lambda tmp, data, out: [
         "train.py", f"--data_dir={data}", "--keep_context=True", "--carry_kv=True",
         f"--out_dir={tmp}"], "keep_context and carry_kv cannot both be on"),
+    "keep_supervise on data without marks": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={copy_data(data, tmp)}", "--keep_supervise=1.0",
+        f"--out_dir={tmp}"], "--keep_supervise needs data that marks where its keys are said"),
     "resume past max_iters": (lambda tmp, data, out: [
         "train.py", *TINY_RUN, f"--data_dir={data}", "--init_from=resume", "--max_iters=80",
         f"--out_dir={out}"], "give a larger --max_iters"),

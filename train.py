@@ -52,6 +52,7 @@ class TrainConfig:
     keep_context: bool = False  # the keep score reads a row one layer up, which knows its window
     keep_head_only: bool = False  # the read's gradient to the keep scores stops at the keep heads
     admit_reinforce: float = 0.0  # REINFORCE on the memory's admissions: by the loss after them
+    keep_supervise: float = 0.0  # teach the keep scores to pick where the data says a key is
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # C: channels
@@ -119,7 +120,10 @@ class StreamLoader:
         x, y = chunk[:, :-1], chunk[:, 1:]
         if recall_only:
             marks = self.marks[:, self.pos + 1:self.pos + self.span + 1]
-            y = y.masked_fill(torch.from_numpy(marks == 0), -1)
+            y = y.masked_fill(torch.from_numpy(marks != 1), -1)
+        self.keep = None  # (streams, span) bool: x's tokens where a key is said (keep_supervise)
+        if self.marks is not None:
+            self.keep = torch.from_numpy(self.marks[:, self.pos:self.pos + self.span] > 0)
         self.pos += self.span
         return x, y, fresh
 
@@ -146,9 +150,10 @@ def lr_at(it, cfg):
     return cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
 
 
-def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=None):
+def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=None, keep=None):
     """One optimizer step over x, y (grad_accum * B, bptt * W) from state (a State, or None at
     the streams' start): grad_accum micro-steps of B streams each, whose gradients add up.
+    keep: x's tokens where the data says a key is (see keep_supervise), or None.
     Returns the mean loss and the state after the step. model may be wrapped in DDP, which
     averages the gradients across processes."""
     raw = model.module if isinstance(model, DDP) else model
@@ -169,7 +174,8 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
         with sync:
             with ctx:
                 _, loss, after = model(x[streams], state.select(streams), y[streams],
-                                       grad_ckpt=cfg.grad_ckpt)
+                                       grad_ckpt=cfg.grad_ckpt,
+                                       keep_targets=None if keep is None else keep[streams])
             total = loss / A
             if cfg.mem_cost and raw.config.n_mem:  # a cost on keeping: see mem_cost
                 carried = state.select(streams)
@@ -298,6 +304,9 @@ def train(cfg):
     val_data = StreamLoader(os.path.join(cfg.data_dir, "val.bin"), cfg.batch_size, span)
     marked = train_data.marks is not None  # recall targets to count alone on some steps
     recall_warmup, recall_every = (cfg.recall_warmup, cfg.recall_every) if marked else (0, 0)
+    if cfg.keep_supervise and not (marked and (train_data.marks == 2).any()):
+        fail(f"--keep_supervise needs data that marks where its keys are said, and "
+             f"{cfg.data_dir} marks none: make it with this prepare_data.py (built-in corpus)")
     if cfg.recall_warmup and not marked:
         say(f"note: {cfg.data_dir} marks no recall targets, so no recall_warmup: the loss "
             "counts every token from the first step")
@@ -382,8 +391,9 @@ def train(cfg):
             x, y, fresh = train_data.next(recall_only=recall_only)
             if fresh:
                 state = None  # the streams start over from the top: so does the state
+            keep = train_data.keep if cfg.keep_supervise and model.config.n_mem else None
             loss, state = train_step(trainer, optimizer, x.to(device), y.to(device), state, cfg,
-                                     ctx, scaler)
+                                     ctx, scaler, None if keep is None else keep.to(device))
             it += 1
             # ----------------------------------------------------------------------------------
             if interrupted:
