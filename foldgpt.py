@@ -594,9 +594,11 @@ class FoldGPT(nn.Module):
 
     def token_keep_scores(self, window):
         """(B, L, T): each layer's keep score of the window's T tokens, read as the fold reads
-        it when they are pushed out (of the row itself, or with keep_context one layer up)."""
+        it when they are pushed out (of the row itself, or with keep_context one layer up). With
+        keep_head_only their gradient too stops at the keep heads."""
         L, up = self.config.n_layer, self.config.keep_context
-        return torch.stack([block.keep_score(window.inputs[min(l + 1, L - 1) if up else l])
+        return torch.stack([block.keep_score(window.inputs[min(l + 1, L - 1) if up else l],
+                                             self.config.keep_head_only)
                             for l, block in enumerate(self.transformer.h)], dim=1)
 
     def keep_loss(self, scores, targets):
