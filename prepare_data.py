@@ -332,7 +332,8 @@ def write_tokens(pieces, tokenizer, path, workers=1):
 
 def write_marked(docs, enc, path):
     """Write passkey documents' ids to path and their marks (uint8, 1 on a recall target, 2 on
-    the rest of where a key is said, see encode_with_targets) beside it, as <split>_recall.bin. Returns the number of tokens written."""
+    the rest of where a key is said, see encode_with_targets) beside it, as <split>_recall.bin.
+    Returns the number of tokens written."""
     total, sizes = 0, token_sizes(enc)
     with open(path, "wb") as out, open(path.replace(".bin", "_recall.bin"), "wb") as marked:
         for doc, spans in docs:

@@ -391,7 +391,7 @@ def train(cfg):
             x, y, fresh = train_data.next(recall_only=recall_only)
             if fresh:
                 state = None  # the streams start over from the top: so does the state
-            keep = train_data.keep if cfg.keep_supervise and model.config.n_mem else None
+            keep = train_data.keep if cfg.keep_supervise else None  # the model asks n_mem
             loss, state = train_step(trainer, optimizer, x.to(device), y.to(device), state, cfg,
                                      ctx, scaler, None if keep is None else keep.to(device))
             it += 1
