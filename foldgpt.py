@@ -223,6 +223,9 @@ class FoldGPTConfig:
     keep_supervise: float = 0.0  # in training, teach the keep scores of a window's tokens to
     #                              pick those the data marks as where a key is said (forward's
     #                              keep_targets); 0: the scores learn only from the loss
+    keep_rank: float = 0.0  # 0: a full memory lets its oldest row go; > 0: its lowest-ranked,
+    #                         a row's rank being its keep score plus keep_rank for each row it
+    #                         is newer, so a key outlasts the lesser rows let in after it
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -461,7 +464,12 @@ class FoldGPT(nn.Module):
                 scored = pushed[..., C:] if window.context else pushed[..., :C]  # (B, G, C)
                 keep = self.admit(block, scored,
                                   window.logp if self.config.admit_reinforce else None)
-                mem = self.remember(mem, pushed, keep)
+                if self.config.keep_rank:  # the scores of [memory ; pushed out], as admitted
+                    held = window.context[l] if window.context else window.mem[l]  # (B, M, C)
+                    score = block.keep_score(torch.cat([held, scored], dim=1)).detach()
+                    mem = self.remember_ranked(mem, pushed, keep, score, self.config.keep_rank)
+                else:
+                    mem = self.remember(mem, pushed, keep)
             if window.context:
                 mem, kept_context = mem.split(C, dim=-1)
                 recent = recent[..., :C]
@@ -496,6 +504,19 @@ class FoldGPT(nn.Module):
         rows = torch.cat([mem, pushed], dim=1)  # (B, M+G, C)
         out = rows.new_zeros(B, M + 1, C).scatter(1, slot[..., None].expand(-1, -1, C), rows)
         return out[:, :M]  # (B, M, C)
+
+    @staticmethod
+    def remember_ranked(mem, pushed, keep, score, newer):
+        """keep_rank: the M best of [memory ; pushed-out rows that keep (B, G) admits], in stream
+        order, a row's rank being its keep score (score (B, M+G)) plus `newer` for each row of
+        them it comes after: a high-scored row stays while lesser ones come and go."""
+        B, M, C = mem.size()
+        keep = torch.cat([torch.ones_like(mem[..., 0], dtype=torch.bool), keep], dim=1)
+        order = torch.arange(keep.size(1), device=mem.device)  # stream order, oldest first
+        rank = (score + newer * order).masked_fill(~keep, float("-inf"))  # (B, M+G)
+        best = rank.topk(M, dim=1).indices.sort(dim=1).values  # (B, M), in stream order
+        rows = torch.cat([mem, pushed], dim=1)  # (B, M+G, C)
+        return rows.gather(1, best[..., None].expand(-1, -1, rows.size(-1)))  # (B, M, C)
 
     def forward(self, idx, state=None, targets=None, grad_ckpt=False, keep_targets=None):
         """A stream of any length, window by window: idx (B, N) -> logits (B, N, V), the mean

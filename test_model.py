@@ -21,8 +21,9 @@ SHIFT3 = dict(token_shift=3, **MEMORY)  # keys read 3 rows back, across memory a
 STAY = dict(n_state=12, n_mem=4)  # 4 memory rows and 8 recent rows: 4 stay through a window
 KEPT = dict(carry_kv=True, **SHIFT3)  # rows carried with the keys and values they were made with
 CONTEXT = dict(keep_context=True, **STAY)  # keep scores read from the rows one layer up
-CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY), CONTEXT]
-IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay", "context"]
+RANKED = dict(keep_rank=0.1, **CONTEXT)  # a full memory lets its lowest-ranked row go
+CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY), CONTEXT, RANKED]
+IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay", "context", "ranked"]
 
 
 def tiny(**changes):
@@ -541,9 +542,11 @@ def test_memory_keeps_the_newest_rows_whose_keep_score_is_positive():
     assert kept.view(-1).tolist() == [3.0, 5.0, 7.0]  # the newest 3 of 1, 2, 3, 5, 7, in order
 
 
-def first_layer_scores_by_token(model, kept_tokens):
+def first_layer_scores_by_token(model, kept_tokens, amount=0.5, best=()):
     """Set the first layer so that a token's row scores > 0 exactly when it is in kept_tokens
-    (there the rows are the token embeddings, so admission is by token); returns nothing."""
+    (there the rows are the token embeddings, so admission is by token); returns nothing.
+    The tokens in best score C (n_embd), the most any row can; the others less, the more so
+    the larger the amount of noise in their embeddings."""
     C = model.config.n_embd
     pattern = torch.tensor([1.0, -1.0]).repeat(C // 2)  # mean 0, std 1: unchanged by ln_1
     generator = torch.Generator().manual_seed(7)
@@ -551,8 +554,9 @@ def first_layer_scores_by_token(model, kept_tokens):
     noise -= noise.mean(dim=1, keepdim=True)
     noise -= (noise @ pattern)[:, None] * pattern / C  # orthogonal to pattern, mean 0
     sign = torch.tensor([1.0 if t in kept_tokens else -1.0 for t in range(noise.size(0))])
+    scale = torch.tensor([0.0 if t in best else amount for t in range(noise.size(0))])
     with torch.no_grad():
-        model.transformer.wte.weight.copy_(sign[:, None] * pattern + 0.5 * noise)
+        model.transformer.wte.weight.copy_(sign[:, None] * pattern + scale[:, None] * noise)
         block = model.transformer.h[0]
         block.keep.weight.copy_(pattern[None])
         block.keep.bias.zero_()
@@ -575,6 +579,45 @@ def test_the_memory_holds_the_last_admitted_rows_in_stream_order():
     model.transformer.h[0].keep.bias.fill_(-100.0)
     _, _, state = model(idx)
     assert torch.equal(state.rows[:, 0, :6], model.state0[0, :6].expand(2, -1, -1))
+
+
+def test_a_ranked_memory_lets_its_lowest_ranked_row_go_and_is_the_fifo_when_newness_rules():
+    mem = torch.arange(1.0, 4.0).view(1, 3, 1)  # rows 1, 2, 3, oldest first
+    pushed = torch.arange(4.0, 8.0).view(1, 4, 1)  # rows 4 .. 7 leave the recent part
+    admitted = torch.tensor([[False, True, False, True]])  # rows 5 and 7 enter, 4 and 6 not
+    score = torch.tensor([[9.0, 1.0, 2.0, 8.0, 3.0, 9.5, 1.5]])  # of rows 1 .. 7
+    kept = FoldGPT.remember_ranked(mem, pushed, admitted, score, 0.1)
+    assert kept.view(-1).tolist() == [1.0, 3.0, 5.0]  # ranks 9.0, 2.2, 3.4 beat 1.1 and 2.1
+    kept = FoldGPT.remember_ranked(mem, pushed, admitted, score, 0.5)
+    assert kept.view(-1).tolist() == [1.0, 5.0, 7.0]  # now 7 (1.5 + 3.0) beats 3 (2.0 + 1.0)
+    generator = torch.Generator().manual_seed(3)
+    mem, pushed = (torch.randn(4, n, 5, generator=generator) for n in (6, 9))
+    admitted = torch.rand(4, 9, generator=generator) < 0.5
+    score = 10 * torch.randn(4, 15, generator=generator)
+    assert torch.equal(FoldGPT.remember_ranked(mem, pushed, admitted, score, 1e3),
+                       FoldGPT.remember(mem, pushed, admitted))  # newness outweighs any score
+
+
+@torch.no_grad()
+def test_with_keep_rank_a_high_scored_row_outlasts_the_lesser_rows_let_in_after_it():
+    kept_tokens = {1, 3, 5, 8, 11, 14, 20, 27, 30}
+    idx = tokens(96)
+    idx[idx == 30] = 2
+    idx[:, 5] = 30  # the "key": scored highest, in the second window, once
+    for rank in (0.0, 0.1):
+        model = tiny(keep_rank=rank, **MEMORY)  # M = 6 memory rows, R = 4 recent rows, W = 4
+        first_layer_scores_by_token(model, kept_tokens, amount=1.5, best={30})
+        model.state0[0, :6] = -model.transformer.h[0].keep.weight  # scored lowest: first out
+        _, _, state = model(idx)
+        wte = model.transformer.wte.weight
+        for b in range(2):
+            admitted = [t for t in idx[b, 6:-4].tolist() if t in kept_tokens]
+            assert len(admitted) >= 12  # twice the memory let in after the key
+            held = (state.rows[b, 0, :6, None] == wte[None]).all(-1).nonzero()[:, 1].tolist()
+            assert len(held) == 6 and set(held) <= kept_tokens  # admitted rows, nothing else
+            assert (30 in held) == (rank > 0)  # the first-in-first-out memory lost it
+            if rank == 0:
+                assert held == admitted[-6:]  # the newest six
 
 
 @torch.no_grad()
