@@ -45,6 +45,7 @@ import math
 import os
 import random
 import re
+import statistics
 import sys
 import textwrap
 import time
@@ -165,13 +166,14 @@ def first_layer_keeps(model, enc):
 def memory_admits(model, ids):
     """Which tokens of one stream ids (N,) the first layer's memory lets in: a list of bools,
     for the tokens that have left the recent rows by the end of the stream (the rest: not yet
-    decided)."""
-    admitted, admit, first = [], model.admit, model.transformer.h[0]
+    decided); and their keep scores there, as the fold scored them (a list of floats)."""
+    admitted, scores, admit, first = [], [], model.admit, model.transformer.h[0]
 
     def recording(block, rows, logp=None):
         keep = admit(block, rows, logp)
         if block is first:
             admitted.append(keep[0])
+            scores.append(block.keep_score(rows)[0])
         return keep
 
     model.admit = recording
@@ -181,14 +183,16 @@ def memory_admits(model, ids):
         del model.admit  # the instance's stand-in goes; the class's method is back
     R = model.config.n_state - model.config.n_mem
     flags = torch.cat(admitted).tolist() if admitted else []
-    return flags[R:]  # the first R pushed out are the initial state's recent rows
+    scores = torch.cat(scores).tolist() if scores else []
+    return flags[R:], scores[R:]  # the first R pushed out are the initial state's recent rows
 
 
 def describe_memory(model, enc, text, numbers, marked, W):
     """One line: which tokens of one prompt (its key 8 windows before the question) the memory
-    lets in, '_' for a run of those it does not, and how many of the key's digits are in."""
+    lets in, '_' for a run of those it does not, and how many of the key's digits are in; and
+    a second: how the keep scores there set the key's statement apart from the other tokens."""
     ids = make_prompt(enc, 12345, 2 * W, 8 * W, Haystack(random.Random(0), text, numbers), marked)
-    flags = memory_admits(model, torch.tensor(ids))
+    flags, scores = memory_admits(model, torch.tensor(ids))
     pieces = [enc.decode([t]) for t in ids[:len(flags)]]
     at, digits = 0, []  # tokens that hold a digit of the key's first two statements
     spans = [m.span() for m in re.finditer("12345", "".join(pieces))][:2]
@@ -199,9 +203,17 @@ def describe_memory(model, enc, text, numbers, marked, W):
     first = max(0, digits[0] - 40) if digits else 0  # from a little before the key
     shown = re.sub("_+", "_", "".join(p if f else "_" for p, f in
                                       zip(pieces[first:], flags[first:])))
-    return (f"memory: lets in {sum(flags)} of the {len(flags)} tokens of one prompt that have "
+    line = (f"memory: lets in {sum(flags)} of the {len(flags)} tokens of one prompt that have "
             f"left the recent rows, {sum(flags[i] for i in digits)} of the {len(digits)} of the "
             f"key's statement: {shown[:200]!r}")
+    key = [scores[i] for i in digits]
+    others = [x for i, x in enumerate(scores) if i not in set(digits)]
+    if not key or not others:
+        return line
+    return line + (f"\nkeep scores there: the key's statement lowest {min(key):.1f}, median "
+                   f"{statistics.median(key):.1f}; the other tokens highest {max(others):.1f}, "
+                   f"{sum(x > 0 for x in others)} of {len(others)} above 0, "
+                   f"{sum(x > min(key) for x in others)} above the key's lowest")
 
 
 def state_off(model):

@@ -223,6 +223,9 @@ class FoldGPTConfig:
     keep_supervise: float = 0.0  # in training, teach the keep scores of a window's tokens to
     #                              pick those the data marks as where a key is said (forward's
     #                              keep_targets); 0: the scores learn only from the loss
+    keep_hard: float = 1.0  # keep_supervise's unmarked side counts only this share of its
+    #                         tokens, in each layer those scored highest: the rows that would
+    #                         outrank a key; 1: all of them
     keep_rank: float = 0.0  # 0: a full memory lets its oldest row go; > 0: its lowest-ranked,
     #                         a row's rank being its keep score plus keep_rank for each row it
     #                         is newer, so a key outlasts the lesser rows let in after it
@@ -253,6 +256,8 @@ class FoldGPTConfig:
                              "even head size (the rotary code turns channel pairs)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.keep_hard <= 1.0:
+            raise ValueError(f"keep_hard must be in (0, 1], got {self.keep_hard}")
         if self.keep_context and self.carry_kv:
             raise ValueError("keep_context and carry_kv cannot both be on: choose one")
 
@@ -626,14 +631,23 @@ class FoldGPT(nn.Module):
         """keep_supervise: a term worth exactly 0 whose gradient teaches the keep scores (B, L,
         N) to pick the tokens targets (B, N) marks 1 and no other (0; -1: neither), each layer
         alike: binary cross-entropy, the marked tokens and the others weighing half each, so
-        that a few marked tokens among many count. The printed loss stays the model's own."""
+        that a few marked tokens among many count; of the others, only the keep_hard share that
+        each layer scores highest. The printed loss stays the model's own."""
         targets = targets[:, None, :].expand_as(scores)
         bce = F.binary_cross_entropy_with_logits(scores.float(), targets.clamp(min=0).float(),
                                                  reduction="none")
         term = scores.new_zeros((), dtype=torch.float32)
-        for side in (targets == 1, targets == 0):
-            if side.any():
-                term = term + 0.5 * bce[side].mean()
+        marked, others = targets == 1, targets == 0
+        if marked.any():
+            term = term + 0.5 * bce[marked].mean()
+        n = int(others[:, 0].sum())  # the unmarked tokens, the same in every layer
+        hard = max(1, round(self.config.keep_hard * n))
+        if n and hard < n:  # per layer, the `hard` unmarked tokens scored highest
+            ranked = scores.detach().masked_fill(~others, float("-inf")).transpose(0, 1)
+            top = ranked.flatten(1).topk(hard, dim=1).indices  # (L, hard)
+            term = term + 0.5 * bce.transpose(0, 1).flatten(1).gather(1, top).mean()
+        elif n:
+            term = term + 0.5 * bce[others].mean()
         term = self.config.keep_supervise * term
         return term - term.detach()
 

@@ -799,6 +799,30 @@ def test_keep_supervise_moves_the_keep_scores_toward_the_marks_and_not_the_loss(
     assert (change[:, :, ~marked[0]].mean(2) < 0).all(), change
 
 
+def test_keep_hard_teaches_only_the_unmarked_tokens_each_layer_scores_highest():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 3, 10, requires_grad=True)  # (B, L, N)
+    targets = torch.zeros(2, 10, dtype=torch.long)
+    targets[:, 4] = 1  # one marked token per stream
+    targets[:, 0] = -1  # one neither
+    full = tiny(keep_supervise=1.0).keep_loss(scores, targets)
+    assert full.item() == 0.0  # worth nothing: only its gradient teaches
+    full.backward()
+    assert (scores.grad[:, :, 1:] != 0).all() and (scores.grad[:, :, 0] == 0).all()
+    scores.grad = None
+    tiny(keep_supervise=1.0, keep_hard=0.25).keep_loss(scores, targets).backward()
+    others = scores.detach().clone()
+    others[:, :, [0, 4]] = float("-inf")
+    for l in range(3):  # 16 unmarked tokens a layer: its 4 scored highest, and the marked
+        top = others[:, l].flatten().topk(4).indices
+        taught = torch.zeros(20, dtype=torch.bool)
+        taught[top] = True
+        taught = taught.view(2, 10)
+        taught[:, 4] = True
+        assert torch.equal(scores.grad[:, l] != 0, taught), l
+        assert (scores.grad[:, l][taught & (targets == 0)] > 0).all()  # pushed down
+
+
 # ---- the design document -------------------------------------------------------------------
 
 def test_design_lists_every_model_test():

@@ -766,8 +766,11 @@ def test_eval_shows_which_tokens_the_memory_lets_in():
     model = tiny(**MEMORY)  # R = 4 recent rows
     first_layer_scores_by_token(model, {3, 5})
     ids = torch.tensor([3, 1, 5, 2, 9, 3, 7, 7, 5, 1, 3, 2])  # 3 windows
-    flags = passkey.memory_admits(model, ids)
+    flags, scores = passkey.memory_admits(model, ids)
     assert flags == [t in (3, 5) for t in ids[:8].tolist()]  # the last 4 are still recent
+    rows = model.transformer.wte.weight[ids[:8]][None]  # at the first layer: the embeddings
+    expect = model.transformer.h[0].keep_score(rows)[0]
+    assert torch.allclose(torch.tensor(scores), expect) and ((expect > 0).tolist() == flags)
     assert model.admit.__func__ is type(model).admit  # the method is put back
 
 
@@ -802,6 +805,9 @@ def test_eval_runs_both_tasks_on_a_checkpoint(trained, tmp_path):
     table = result.stdout.splitlines()
     assert "haystack prose with numbers sown in; landmark wording" in table[0]
     assert re.search(r"memory: lets in \d+ of the \d+ tokens", result.stdout)
+    assert re.search(r"keep scores there: the key's statement lowest -?\d+\.\d, median "
+                     r"-?\d+\.\d; the other tokens highest -?\d+\.\d, \d+ of \d+ above 0, "
+                     r"\d+ above the key's lowest", result.stdout)
     assert re.match(r" +0 +0 +\d+% +\d+% +\d+%", next(t for t in table if "%" in t))
     assert open(tmp_path / "e.csv").read().startswith("windows,tokens,FoldGPT,state off,")
     result = run_in("eval.py", f"--out_dir={out}", "--task=bpb", "--doc_windows=4")

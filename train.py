@@ -53,6 +53,7 @@ class TrainConfig:
     keep_head_only: bool = False  # the read's gradient to the keep scores stops at the keep heads
     admit_reinforce: float = 0.0  # REINFORCE on the memory's admissions: by the loss after them
     keep_supervise: float = 0.0  # teach the keep scores to pick where the data says a key is
+    keep_hard: float = 1.0  # keep_supervise's unmarked side: only this share, scored highest
     keep_rank: float = 0.0  # a full memory lets go its lowest-ranked row (score + this per row
     #                         newer), not its oldest; 0: its oldest
     n_layer: int = 4  # L: blocks
