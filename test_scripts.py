@@ -392,6 +392,9 @@ BAD_INPUT = {
     "keep_supervise on data without marks": (lambda tmp, data, out: [
         "train.py", f"--data_dir={copy_data(data, tmp)}", "--keep_supervise=1.0",
         f"--out_dir={tmp}"], "--keep_supervise needs data that marks where its keys are said"),
+    "keep_head_only_until without keep_head_only": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}", "--keep_head_only_until=5", f"--out_dir={tmp}"],
+        "give --keep_head_only=True"),
     "resume past max_iters": (lambda tmp, data, out: [
         "train.py", *TINY_RUN, f"--data_dir={data}", "--init_from=resume", "--max_iters=80",
         f"--out_dir={out}"], "give a larger --max_iters"),
@@ -631,6 +634,31 @@ def test_a_checkpoint_saved_before_a_switch_existed_resumes_with_it_off(trained,
     assert done.returncode == 0, done.stderr[-2000:]
     resumed = torch.load(tmp_path / "old" / "ckpt.pt", weights_only=True)
     assert resumed["iter_num"] == 81 and resumed["model_args"]["keep_context"] is False
+
+
+def test_keep_head_only_until_is_keep_head_only_then_without_it(trained, tmp_path, capsys):
+    """A run with keep_head_only_until=2 is, bit for bit, 2 steps with keep_head_only and then,
+    resumed from there with it off, 2 steps without; its checkpoint keeps the setting given."""
+    data, _, _ = trained
+
+    def run_to(name, iters, *flags):  # warmup_iters=10: the learning rate ignores max_iters
+        train.train(configure(train.TrainConfig(), TINY_RUN + [
+            f"--data_dir={data}", f"--out_dir={tmp_path / name}", f"--max_iters={iters}",
+            "--eval_interval=2", "--keep_context=True", "--keep_supervise=1.0", *flags]))
+        return ckpt_tensors(str(tmp_path / name))[1]
+
+    curriculum = run_to("curriculum", 4, "--keep_head_only=True", "--keep_head_only_until=2")
+    assert "iter 2: keep_head_only ends" in capsys.readouterr().out
+    assert torch.load(tmp_path / "curriculum" / "ckpt.pt",
+                      weights_only=True)["model_args"]["keep_head_only"] is True
+    head_only = run_to("head_only", 4, "--keep_head_only=True")
+    run_to("switched", 2, "--keep_head_only=True")
+    ckpt = torch.load(tmp_path / "switched" / "ckpt.pt", weights_only=True)
+    ckpt["model_args"]["keep_head_only"] = False
+    torch.save(ckpt, tmp_path / "switched" / "ckpt.pt")
+    switched = run_to("switched", 4, "--init_from=resume")
+    assert all(torch.equal(a, b) for a, b in zip(curriculum, switched))
+    assert not all(torch.equal(a, b) for a, b in zip(curriculum, head_only))
 
 
 def test_ctrl_c_saves_and_resume_is_bit_identical(straight, tmp_path):

@@ -51,6 +51,8 @@ class TrainConfig:
     carry_kv: bool = False  # carry each row's keys and values as made; rows not evolved (faster)
     keep_context: bool = False  # the keep score reads a row one layer up, which knows its window
     keep_head_only: bool = False  # the read's gradient to the keep scores stops at the keep heads
+    keep_head_only_until: int = 0  # > 0: keep_head_only for the steps before this one only, then
+    #                                the keep scores' gradients reach the rows (the copy first)
     admit_reinforce: float = 0.0  # REINFORCE on the memory's admissions: by the loss after them
     keep_supervise: float = 0.0  # teach the keep scores to pick where the data says a key is
     keep_hard: float = 1.0  # keep_supervise's unmarked side: only this share, scored highest
@@ -299,6 +301,8 @@ def train(cfg):
         fail(f"init_from must be scratch or resume, got {cfg.init_from!r}")
     if cfg.keep_cost not in ("sigmoid", "softplus"):
         fail(f"keep_cost must be sigmoid or softplus, got {cfg.keep_cost!r}")
+    if cfg.keep_head_only_until and not cfg.keep_head_only:
+        fail("--keep_head_only_until ends keep_head_only at a step: give --keep_head_only=True")
     span = cfg.bptt * cfg.window
     mine = cfg.grad_accum * cfg.batch_size  # streams of this process
     n_streams = world * mine  # streams of all processes; process r reads its own `mine` of them
@@ -338,8 +342,8 @@ def train(cfg):
         kv = None if state is None or state.kv is None else procs.gather(state.kv).cpu()
         rank_rng = procs.rng_states()
         if procs.master:
-            save_checkpoint(ckpt_path, dict(
-                model_args=asdict(model.config), model=model.state_dict(),
+            save_checkpoint(ckpt_path, dict(  # keep_head_only as given (the loop may end it)
+                model_args=dict(asdict(model.config), keep_head_only=cfg.keep_head_only), model=model.state_dict(),
                 optimizer=optimizer.state_dict(), iter_num=it, best_val_loss=best_val,
                 config=asdict(cfg), meta=meta, train_pos=train_data.pos,
                 train_streams=n_streams, train_state=states, train_kv=kv, rng=rng_states(),
@@ -389,6 +393,11 @@ def train(cfg):
             lr = lr_at(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if cfg.keep_head_only_until:  # a curriculum: the copy first, then the rows' admission
+                model.config.keep_head_only = it < cfg.keep_head_only_until
+                if it == cfg.keep_head_only_until:
+                    say(f"iter {it}: keep_head_only ends (keep_head_only_until): the keep scores' "
+                        "gradients reach the rows from here on")
             # ---- one step: bptt windows per stream, the state carried through all of them ----
             recall_only = it < recall_warmup or bool(recall_every and it % recall_every == 0)
             x, y, fresh = train_data.next(recall_only=recall_only)
