@@ -17,7 +17,8 @@ def step_costs(cfg, model_config, n_params, dtype="float32"):
     Activations are counted per window and stream. A block saves about 18 C-wide rows of
     numbers for every row it runs (its input, LayerNorms, q/k/v, attention output, MLP input,
     GELU input and output at 4C), 4 for every carried row that only lends its keys and values,
-    and 9 more for every memory row; the head saves W x V log-probabilities. (Counted with
+    and 9 more for every memory row; with token shift, K more for every row a block runs (the K
+    rows before it, side by side); the head saves W x V log-probabilities. (Counted with
     torch.autograd.graph.saved_tensors_hooks on CPU in float32; bfloat16 autocast keeps 0.58
     of those bytes.) Without grad_ckpt a step keeps bptt windows of them; with it, the state
     entering each window plus 1.5 windows: the one being recomputed and its gradients. This is
@@ -29,7 +30,9 @@ def step_costs(cfg, model_config, n_params, dtype="float32"):
     gone = min(W, R)
     rows = W + (R - gone) + M  # rows through each block per window: tokens, staying rows, memory
     lend = gone + M  # rows whose keys and values are computed only to be read
-    per_window = 4 * (L * C * (18 * rows + 4 * lend + 9 * M) + W * vocab_size)  # bytes/stream
+    ran = W if model_config.carry_kv else W + S + M  # rows a block runs: tokens, carried, memory
+    shifted = model_config.token_shift * ran  # token shift's K rows before each, side by side
+    per_window = 4 * (L * C * (18 * rows + 4 * lend + 9 * M + shifted) + W * vocab_size)  # bytes
     if dtype in ("bfloat16", "float16"):  # autocast: the dtype train.py resolved
         per_window *= 0.58
     B = cfg.batch_size  # one micro-step's streams: grad_accum micro-steps run one after another

@@ -355,8 +355,10 @@ class FoldGPT(nn.Module):
         G = min(size, R)  # the oldest G recent rows make way for the tokens
         window = Window()
         context = self.context(rows, kv) if self.config.keep_context and M else None
-        for l, block in enumerate(self.transformer.h):
-            mem, recent = rows[:, l, :M], rows[:, l, M:]  # (B, M, C), (B, R, C)
+        # unbind, not rows[:, l]: the backward of indexing would fill a zero tensor of the whole
+        # state for each layer (a fifth of a training step's time); unbind's stacks them once
+        for l, (block, layer) in enumerate(zip(self.transformer.h, rows.unbind(1))):
+            mem, recent = layer.split([M, R], dim=1)  # (B, M, C), (B, R, C)
             read, bias = mem, None
             if M:  # memory rows: read one step evolved, always from the rows as they entered
                 evolved = block(mem)[0]  # (B, M, C), each reading the older memory rows
