@@ -355,8 +355,8 @@ class FoldGPT(nn.Module):
         G = min(size, R)  # the oldest G recent rows make way for the tokens
         window = Window()
         context = self.context(rows, kv) if self.config.keep_context and M else None
-        # unbind, not rows[:, l]: the backward of indexing would fill a zero tensor of the whole
-        # state for each layer (a fifth of a training step's time); unbind's stacks them once
+        # unbind, not rows[:, l]: the backward of indexing fills a zero tensor of the whole
+        # state for each layer; unbind's stacks the layers' gradients once (docs/performance.md)
         for l, (block, layer) in enumerate(zip(self.transformer.h, rows.unbind(1))):
             mem, recent = layer.split([M, R], dim=1)  # (B, M, C), (B, R, C)
             read, bias = mem, None

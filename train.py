@@ -342,8 +342,9 @@ def train(cfg):
         kv = None if state is None or state.kv is None else procs.gather(state.kv).cpu()
         rank_rng = procs.rng_states()
         if procs.master:
-            save_checkpoint(ckpt_path, dict(  # keep_head_only as given (the loop may end it)
-                model_args=dict(asdict(model.config), keep_head_only=cfg.keep_head_only), model=model.state_dict(),
+            args = dict(asdict(model.config), keep_head_only=cfg.keep_head_only)  # as given:
+            save_checkpoint(ckpt_path, dict(  # keep_head_only_until may have ended it in the loop
+                model_args=args, model=model.state_dict(),
                 optimizer=optimizer.state_dict(), iter_num=it, best_val_loss=best_val,
                 config=asdict(cfg), meta=meta, train_pos=train_data.pos,
                 train_streams=n_streams, train_state=states, train_kv=kv, rng=rng_states(),
