@@ -270,6 +270,12 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         train.TrainConfig()
     paper = configure(train.TrainConfig(), [os.path.join(HERE, "config", "paper_24gb.py")])
     assert (paper.window, paper.n_layer, paper.n_embd, paper.n_head) == (12, 12, 768, 12)
+    # the real-text preset is the flags docs/retention.md section 13 measured, and nothing else
+    landmark = configure(train.TrainConfig(), [os.path.join(HERE, "config", "landmark.py")])
+    assert landmark == configure(train.TrainConfig(), [
+        "--data_dir=data/prose-near", "--out_dir=out-landmark", "--keep_context=True",
+        "--keep_head_only=True", "--keep_head_only_until=400", "--keep_supervise=1.0",
+        "--keep_rank=0.1", "--keep_hard=0.05"])
 
 
 def test_config_file_sets_values_and_refuses_code(tmp_path):
