@@ -10,7 +10,8 @@ from the memory is learned), the second from up to 1,024 back (where keeping is 
         --max_iters=2400 --learning_rate=2e-4                   # stage 2: 1,200 more steps
     python eval.py --out_dir=out-landmark                       # held-out prose, Landmark's words
 
-Each stage took 17 to 25 minutes on one CPU thread beside other runs (docs/retention.md, section 13).
+Each stage took 17 to 25 minutes on one CPU thread beside other runs (docs/retention.md,
+section 13).
 """
 data_dir = "data/prose-near"
 out_dir = "out-landmark"
