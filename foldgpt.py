@@ -86,6 +86,7 @@ class CausalSelfAttention(nn.Module):
         angle = torch.arange(config.n_state + config.window).float()[:, None] * freq  # (S+W, hs/2)
         self.register_buffer("cos", angle.cos(), persistent=False)
         self.register_buffer("sin", angle.sin(), persistent=False)
+        self.register_buffer("freq", freq.double(), persistent=False)
 
     def project(self, x, before):
         """Queries, keys and values (B, T, C) of rows x (B, T, C), before their slots are turned
@@ -107,6 +108,14 @@ class CausalSelfAttention(nn.Module):
         """Queries or keys t (B, nh, T, hs) turned to the slots P..P+T-1 (rotary)."""
         return rotate(t, self.cos[P:P + t.size(2)], self.sin[P:P + t.size(2)])
 
+    def turn_to(self, t, slots):
+        """Rows t (..., C) turned to slots (a tensor of t's shape without C), head by head:
+        the angles made in float64, so that a slot far down a stream is turned as exactly as
+        a near one (q.k depends only on the slots' distance, rounding apart)."""
+        angle = (slots.double()[..., None, None] * self.freq).to(t.dtype)  # (..., 1, hs/2)
+        heads = t.unflatten(-1, (self.n_head, -1))  # (..., nh, hs)
+        return rotate(heads, angle.cos(), angle.sin()).flatten(-2)
+
     def forward(self, x, before, kv, bias, lend):
         """x (B, T, C): new rows, the first `lend` of which only lend keys and values; kv: those
         of the P rows before, or None; bias (B, M): added to the logits of the first M rows.
@@ -127,20 +136,35 @@ class CausalSelfAttention(nn.Module):
         if N > 1:
             mask = causal_mask(N, P + T, P + lend, x.device)
         if bias is not None:  # memory rows are read as strongly as their keep score says
-            add = F.pad(bias.to(q.dtype), (0, P + T - bias.size(1)))[:, None, None, :]
-            mask = add if mask is None else add.masked_fill(~mask, float("-inf"))  # (B,1,N,P+T)
+            bias = F.pad(bias, (0, P + T - bias.size(1)))  # (B, P+T)
+        return self.attend(q, k, v, mask, bias), (k, v), new[1:]
+
+    def attend(self, q, k, v, mask, bias=None):
+        """The sum itself: queries q (B, nh, N, hs) read keys and values k, v (B, nh, P, hs) as
+        the bool mask (N, P) or (B, 1, N, P) allows (None: all); bias (B, P), or None: added to
+        the logits of each key. Returns the outputs (B, N, C)."""
+        hs = q.size(-1)
         if self.fast:
+            if bias is not None:  # the fused kernels pass no gradient to a mask of logits, so
+                # the bias rides in a channel of its own: q.k gains sqrt(hs) * bias
+                q = F.pad(q, (0, 1), value=math.sqrt(hs))
+                k = torch.cat([k, bias.to(k.dtype)[:, None, :, None].expand(-1, k.size(1), -1, 1)],
+                              dim=-1)
+                v = F.pad(v, (0, 1))
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                scale=1.0 / math.sqrt(hs))[..., :hs]
         else:  # the path sum written out: weights exp(q.k) / sum exp(q.k) over readable rows
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, N, P+T)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, N, P)
+            if bias is not None:
+                att = att + bias.to(att.dtype)[:, None, None, :]
             if mask is not None:
-                att = att + mask if mask.is_floating_point() else att.masked_fill(
-                    ~mask, float("-inf"))
+                att = att.masked_fill(~mask, float("-inf"))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v  # (B, nh, N, hs)
-        y = y.transpose(1, 2).contiguous().view(B, N, C)  # (B, N, C): heads side by side
-        return self.resid_dropout(self.c_proj(y)), (k, v), new[1:]
+        B, nh, N, hs = y.size()
+        y = y.transpose(1, 2).contiguous().view(B, N, nh * hs)  # (B, N, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -492,12 +516,17 @@ class FoldGPT(nn.Module):
         in training, with probability sigmoid(score), so a row scored out can learn back up.
         logp: a list that gets the draws' log-probability (B,), in training (see reinforce)."""
         score = block.keep_score(rows)
+        keep = self.admitted(score)
+        if logp is not None and self.training and not self.by_threshold:
+            score = block.keep_score(rows, head_only=True)
+            logp.append(torch.where(keep, F.logsigmoid(score), F.logsigmoid(-score)).sum(1))
+        return keep
+
+    def admitted(self, score):
+        """Which rows of keep scores score enter the memory if pushed out: score > 0, or in
+        training drawn with probability sigmoid(score)."""
         if self.training and not self.by_threshold:
-            keep = torch.rand_like(score) < torch.sigmoid(score)
-            if logp is not None:
-                score = block.keep_score(rows, head_only=True)
-                logp.append(torch.where(keep, F.logsigmoid(score), F.logsigmoid(-score)).sum(1))
-            return keep
+            return torch.rand_like(score) < torch.sigmoid(score)
         return score > 0
 
     @staticmethod
@@ -544,8 +573,12 @@ class FoldGPT(nn.Module):
             run = partial(checkpoint, self.run_window, use_reentrant=False)
         supervise = (keep_targets is not None and self.training and self.config.n_mem > 0
                      and self.config.keep_supervise > 0)
-        outs, logps, scores, rows, kv = self.run_windows(run, idx, state.rows, state.kv, targets,
-                                                         supervise)
+        if self.layer_by_layer():
+            outs, logps, scores, rows, kv = self.run_layers(idx, state.rows, state.kv, targets,
+                                                            supervise, grad_ckpt)
+        else:
+            outs, logps, scores, rows, kv = self.run_windows(run, idx, state.rows, state.kv,
+                                                             targets, supervise)
         after = State(rows, idx[:, idx.size(1) // W * W:], kv)  # a window not yet full waits
         if targets is None:
             return torch.cat(outs, dim=1)[:, r:], None, after  # (B, N, V)
@@ -572,6 +605,125 @@ class FoldGPT(nn.Module):
             logps.append(logp)
             keeps.append(keep)
         return outs, logps, keeps, rows, kv
+
+    # With carry_kv nothing evolves the carried rows, so a layer's rows are known for the whole
+    # stream before the layer runs: its keys, values and keep scores, and so which rows the
+    # memory holds at each window. A layer then runs every window of the call at once, as one
+    # batch of windows, and the stream goes up layer by layer instead of window by window: the
+    # same sums (test_streaming_equivalence_one_call_windows_and_tokens), in a few large
+    # operations where window by window takes many small ones (docs/performance.md).
+
+    def layer_by_layer(self):
+        c = self.config
+        return c.carry_kv and c.n_state > 0 and not c.admit_reinforce
+
+    def run_layers(self, idx, rows, kv, targets, scores=False, grad_ckpt=False):
+        """carry_kv: what run_windows returns for the windows of idx (B, n), layer by layer (the
+        last window may be part full; it is not folded). grad_ckpt keeps only what enters each
+        layer, and backward runs the layer again."""
+        W, L = self.config.window, self.config.n_layer
+        B, n = idx.shape
+        windows, full = -(-n // W), n // W  # every window, and the full ones that fold
+        x = self.transformer.drop(self.transformer.wte(F.pad(idx, (0, windows * W - n))))
+        run = self.layer_kept
+        if grad_ckpt and torch.is_grad_enabled():
+            run = partial(checkpoint, self.layer_kept, use_reentrant=False)
+        kept = [None] * L if kv is None else kv.unbind(1)
+        after, keeps = [], []
+        for l, (block, layer) in enumerate(zip(self.transformer.h, rows.unbind(1))):
+            x, rows_l, kv_l, keep = run(block, x, layer, kept[l], full)
+            after.append((rows_l, kv_l))
+            keeps.append(None if keep is None else keep[:, :n])
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, windows*W, V)
+        if targets is None:
+            outs = [logits[:, :n]]
+        else:  # each stream's sum of its tokens' losses in each window, as run_window gives it
+            targets = F.pad(targets, (0, windows * W - n), value=-1)
+            outs = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=-1, reduction="none").view(B, windows, W).sum(2)
+            outs = list(outs.unbind(1))
+        if full:
+            rows, kv = (torch.stack(t, dim=1) for t in zip(*after))  # (B, L, S, C), (B, L, S, 2C)
+        return outs, [None] * windows, [torch.stack(keeps, dim=1)] if scores else [None], rows, kv
+
+    def layer_kept(self, block, x, layer, kept, full):
+        """Block l on every window at once: x (B, n, C), n a whole number of windows, the
+        layer's tokens in stream order; layer (B, S, C) and kept (B, S, 2C) or None: its carried
+        rows and their k|v before the first window. Returns the next layer's tokens (B, n, C),
+        the layer's rows and k|v after the first `full` windows (B, S, C), (B, S, 2C), and the
+        tokens' keep scores (B, n) (no memory: None)."""
+        W, M, K, S = (self.config.window, self.config.n_mem, self.config.token_shift,
+                      self.config.n_state)
+        R, (B, n, C), attn = S - M, x.size(), block.attn
+        if kept is None:  # the rows' own k, v, each reading the rows before it in the state
+            kept = torch.cat(attn.project(*block.norm(layer))[1:], dim=-1)  # (B, S, 2C)
+        q, k, v = attn.project(*block.norm(x, last_rows(layer, K)))  # (B, n, C) each
+        # The layer's rows in stream order, [memory ; recent ; tokens], their keys (not yet
+        # turned) and values: window w pushes rows M + wW .. M + wW + W - 1 out of the recent
+        # ones (see fold).
+        stream = torch.cat([layer, x], dim=1)  # (B, S+n, C)
+        keys, values = torch.cat([kept[..., :C], k], dim=1), torch.cat([kept[..., C:], v], dim=1)
+        windows = n // W
+        score, held = None, x.new_zeros(B, full + 1, 0, dtype=torch.long)  # no memory: none held
+        if M:
+            score = block.keep_score(stream, self.config.keep_head_only)  # (B, S+n)
+            held = self.memory_by_window(score.detach(), full)  # (B, full+1, M)
+        # Window w reads the M rows its memory holds (slots 0..M-1), then its R recent rows and
+        # its W tokens: stream rows M + wW .. S + wW + W - 1, a slice the windows overlap in, at
+        # slots M..S+W-1. Only slot distances count, so a stream row is turned once to its place
+        # in the stream, and window w's queries and memory rows to their slots plus wW.
+        ids = held[:, :windows].flatten(1)  # (B, windows*M)
+
+        def memory(t):  # (B, S+n, C) -> (B, windows, M, C): the rows each window's memory holds
+            return t.gather(1, ids[..., None].expand(-1, -1, C)).view(B, windows, M, C)
+
+        def near(t):  # (B, S+n, C) -> (B, windows, R+W, C): each window's recent rows and tokens
+            return t[:, M:].unfold(1, R + W, W).transpose(2, 3)
+
+        at = torch.arange(S + n, device=x.device)  # each stream row's place
+        slot = at[:M] + W * at[:windows, None]  # (windows, M): memory slots, shifted by wW
+        k = torch.cat([attn.turn_to(memory(keys), slot), near(attn.turn_to(keys, at))], dim=2)
+        v = torch.cat([memory(values), near(values)], dim=2)  # (B, windows, S+W, C)
+        q = attn.turn_to(q, at[S:]).view(B * windows, W, C)  # slots S..S+W-1, plus wW
+        q, k, v = attn.heads(q), attn.heads(k.flatten(0, 1)), attn.heads(v.flatten(0, 1))
+        mask = causal_mask(W, S + W, S, x.device)  # a token reads all S rows and tokens before it
+        bias = None
+        if M:  # memory rows are read as strongly as their keep score says
+            bias = F.pad(F.logsigmoid(score.gather(1, ids)).view(B * windows, M), (0, R + W))
+        x = x + attn.attend(q, k, v, mask, bias).view(B, n, C)
+        x = x + block.mlp(block.ln_2(x))
+        scores = None if score is None else score[:, S:]
+        if not full:
+            return x, layer, kept, scores
+        stays = slice(M + full * W, S + full * W)  # the R rows recent after the last full window
+
+        def after(t):  # (B, S+n, C) -> (B, S, C): the memory and recent rows after the windows
+            return torch.cat([t.gather(1, held[:, full, :, None].expand(-1, -1, C)), t[:, stays]],
+                             dim=1)
+
+        return x, after(stream), torch.cat([after(keys), after(values)], dim=-1), scores
+
+    def memory_by_window(self, score, full):
+        """Which rows the memory holds as each window opens, and after the last of the `full`
+        windows that fold: (B, full+1, M) indices into a layer's stream [memory ; recent ;
+        tokens] whose keep scores are score (B, S+n), from the carried memory (0..M-1) on.
+        Admission is fold's (see admitted), drawn for the whole stream at once."""
+        W, M = self.config.window, self.config.n_mem
+        B, admitted = score.size(0), self.admitted(score)
+        held = torch.arange(M, device=score.device).expand(B, M)  # (B, M)
+        out = [held]
+        for w in range(full):  # window w's fold pushes W rows out of the recent ones
+            first = M + w * W
+            pushed = torch.arange(first, first + W, device=score.device).expand(B, W)
+            keep = admitted[:, first:first + W]  # (B, W): those the memory lets in
+            if self.config.keep_rank:
+                ranked = score.gather(1, torch.cat([held, pushed], dim=1))  # (B, M+W)
+                held = self.remember_ranked(held[..., None], pushed[..., None], keep, ranked,
+                                            self.config.keep_rank)[..., 0]
+            else:
+                held = self.remember(held[..., None], pushed[..., None], keep)[..., 0]
+            out.append(held)
+        return torch.stack(out, dim=1)
 
     @torch.no_grad()
     def threshold_losses(self, idx, state, targets):

@@ -387,6 +387,38 @@ def test_grad_ckpt_gives_the_same_gradients(carried):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
+@pytest.mark.parametrize("config", [KEPT, dict(carry_kv=True, **STAY),
+                                    dict(carry_kv=True, keep_rank=0.1, **STAY),
+                                    dict(carry_kv=True, n_state=6, n_mem=4),  # R < W
+                                    dict(carry_kv=True, n_state=8, n_mem=0)],
+                         ids=["kept", "kept+stay", "kept+ranked", "kept, R < W", "kept, no memory"])
+@pytest.mark.parametrize("grad_ckpt", [False, True], ids=["", "grad_ckpt"])
+def test_with_carry_kv_layer_by_layer_trains_as_window_by_window_does(config, grad_ckpt):
+    """carry_kv runs every window of a call at once, layer by layer (run_layers): in training,
+    the same loss, gradients, keep scores and state as running the windows one by one."""
+    results = []
+    for by_layer in (True, False):
+        model = tiny(keep_supervise=0.5 if config["n_mem"] else 0.0, **config).train()
+        model.by_threshold = True  # the same admissions in both (training's are drawn)
+        if not by_layer:
+            model.layer_by_layer = lambda: False
+        state = random_state(model)
+        marks = tokens(18, seed=6) < 4  # where the keep scores are taught to pick
+        _, loss, after = model(tokens(18), state, tokens(18, seed=3), grad_ckpt=grad_ckpt,
+                               keep_targets=marks)
+        _, loss2, end = model(tokens(9, seed=7), after, tokens(9, seed=8), grad_ckpt=grad_ckpt)
+        (loss + loss2).backward()
+        results.append((loss, loss2, end.rows, end.kv, end.pending,
+                        [p.grad for p in model.parameters()]))
+    (a, a2, rows_a, kv_a, pending_a, grads_a), (b, b2, rows_b, kv_b, pending_b, grads_b) = results
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(a2, b2, atol=1e-6)
+    assert torch.allclose(rows_a, rows_b, atol=1e-5) and torch.allclose(kv_a, kv_b, atol=1e-5)
+    assert torch.equal(pending_a, pending_b) and pending_a.size(1) == 3  # 27 tokens: 3 wait
+    assert sum(g is not None and g.abs().sum() > 0 for g in grads_a) >= len(grads_a) - 1
+    for g, h in zip(grads_a, grads_b):
+        assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, atol=1e-5))
+
+
 # ---- the parts -------------------------------------------------------------------------------
 
 def test_defaults_are_the_quick_start_model():
