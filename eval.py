@@ -177,10 +177,11 @@ def memory_admits(model, ids):
         return keep
 
     model.admit = recording
+    model.layer_by_layer = lambda: False  # carry_kv too: window by window, through admit
     try:
         model.eval()(ids[None])
     finally:
-        del model.admit  # the instance's stand-in goes; the class's method is back
+        del model.admit, model.layer_by_layer  # the stand-ins go; the class's methods are back
     R = model.config.n_state - model.config.n_mem
     flags = torch.cat(admitted).tolist() if admitted else []
     scores = torch.cat(scores).tolist() if scores else []

@@ -794,10 +794,11 @@ def test_the_kjv_and_a_folder_of_text_make_haystacks(tmp_path, monkeypatch, caps
 
 
 @torch.no_grad()
-def test_eval_shows_which_tokens_the_memory_lets_in():
+@pytest.mark.parametrize("carry_kv", [False, True], ids=["", "carry_kv"])
+def test_eval_shows_which_tokens_the_memory_lets_in(carry_kv):
     import eval as passkey
     from test_model import first_layer_scores_by_token
-    model = tiny(**MEMORY)  # R = 4 recent rows
+    model = tiny(carry_kv=carry_kv, **MEMORY)  # R = 4 recent rows
     first_layer_scores_by_token(model, {3, 5})
     ids = torch.tensor([3, 1, 5, 2, 9, 3, 7, 7, 5, 1, 3, 2])  # 3 windows
     flags, scores = passkey.memory_admits(model, ids)
@@ -805,7 +806,8 @@ def test_eval_shows_which_tokens_the_memory_lets_in():
     rows = model.transformer.wte.weight[ids[:8]][None]  # at the first layer: the embeddings
     expect = model.transformer.h[0].keep_score(rows)[0]
     assert torch.allclose(torch.tensor(scores), expect) and ((expect > 0).tolist() == flags)
-    assert model.admit.__func__ is type(model).admit  # the method is put back
+    assert model.admit.__func__ is type(model).admit  # the methods are put back
+    assert model.layer_by_layer.__func__ is type(model).layer_by_layer
 
 
 @torch.no_grad()
