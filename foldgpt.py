@@ -610,10 +610,12 @@ class FoldGPT(nn.Module):
     # stream before the layer runs: its keys, values and keep scores, and so which rows the
     # memory holds at each window. A layer then runs every window of the call at once, as one
     # batch of windows, and the stream goes up layer by layer instead of window by window: the
-    # same sums (test_streaming_equivalence_one_call_windows_and_tokens), in a few large
-    # operations where window by window takes many small ones (docs/performance.md).
+    # same sums (test_with_carry_kv_layer_by_layer_trains_as_window_by_window_does), in a few
+    # large operations where window by window takes many small ones (docs/performance.md).
 
     def layer_by_layer(self):
+        """Whether forward runs layer by layer: with carry_kv (REINFORCE needs the windows')
+        draws one by one). Sampling always runs window by window."""
         c = self.config
         return c.carry_kv and c.n_state > 0 and not c.admit_reinforce
 
