@@ -276,6 +276,12 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--data_dir=data/prose-near", "--out_dir=out-landmark", "--keep_context=True",
         "--keep_head_only=True", "--keep_head_only_until=400", "--keep_supervise=1.0",
         "--keep_rank=0.1", "--keep_hard=0.05"])
+    # the carry_kv preset is the flags docs/retention.md section 14 measured (out-kvh1337)
+    kv = configure(train.TrainConfig(), [os.path.join(HERE, "config", "carry_kv.py")])
+    assert kv == configure(train.TrainConfig(), [
+        "--out_dir=out-kv", "--carry_kv=True", "--bptt=16", "--batch_size=4",
+        "--keep_supervise=1.0", "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
+        "--keep_head_only_until=400"])
 
 
 def test_config_file_sets_values_and_refuses_code(tmp_path):
@@ -1045,9 +1051,12 @@ def test_bench_times_every_contender_on_a_tiny_model():
         assert bench.train_figures(cfg, "FoldGPT", 2, 2, 4, grad_ckpt) > 0
 
 
-def test_bench_race_trains_both_models_for_the_seconds_given_and_scores_them_on_held_out_prose():
+@pytest.mark.parametrize("recipe", [dict(), dict(carry_kv=True, race_bptt=16)],
+                         ids=["", "carry_kv, bptt 16"])
+def test_bench_race_trains_both_models_for_the_seconds_given_and_scores_them_on_held_out_prose(
+        recipe):
     import bench
-    cfg = bench.BenchConfig(n_embd=32, n_layer=1, n_head=2, device="cpu")
+    cfg = bench.BenchConfig(n_embd=32, n_layer=1, n_head=2, device="cpu", **recipe)
     raced = bench.race(cfg, 1.5, min_steps=40)  # the floor: a busy machine still learns
     assert set(raced) == {"FoldGPT", "GPT block 128"}
     for val, tok_s, steps, seconds in raced.values():
