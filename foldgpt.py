@@ -112,9 +112,9 @@ class CausalSelfAttention(nn.Module):
         """Rows t (..., C) turned to slots (a tensor of t's shape without C), head by head:
         the angles made in float64, so that a slot far down a stream is turned as exactly as
         a near one (q.k depends only on the slots' distance, rounding apart)."""
-        angle = (slots.double()[..., None, None] * self.freq).to(t.dtype)  # (..., 1, hs/2)
+        angle = slots.double()[..., None, None] * self.freq  # (..., 1, hs/2)
         heads = t.unflatten(-1, (self.n_head, -1))  # (..., nh, hs)
-        return rotate(heads, angle.cos(), angle.sin()).flatten(-2)
+        return rotate(heads, angle.cos().to(t.dtype), angle.sin().to(t.dtype)).flatten(-2)
 
     def forward(self, x, before, kv, bias, lend):
         """x (B, T, C): new rows, the first `lend` of which only lend keys and values; kv: those
