@@ -147,12 +147,16 @@ class CausalSelfAttention(nn.Module):
         the logits of each key. Returns the outputs (B, N, C)."""
         hs = q.size(-1)
         if self.fast:
-            if bias is not None:  # the fused kernels pass no gradient to a mask of logits, so
-                # the bias rides in a channel of its own: q.k gains sqrt(hs) * bias
+            if bias is not None and bias.requires_grad:  # the fused kernels pass no gradient to
+                # a mask of logits, so the bias rides in a channel of its own: q.k gains
+                # sqrt(hs) * bias (a copy of the keys: only where a gradient needs it)
                 q = F.pad(q, (0, 1), value=math.sqrt(hs))
                 k = torch.cat([k, bias.to(k.dtype)[:, None, :, None].expand(-1, k.size(1), -1, 1)],
                               dim=-1)
                 v = F.pad(v, (0, 1))
+            elif bias is not None:  # sampling, eval: a mask of logits, no copy
+                add = bias.to(q.dtype)[:, None, None, :]  # (B, 1, 1, P)
+                mask = add if mask is None else add.masked_fill(~mask, float("-inf"))
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                 scale=1.0 / math.sqrt(hs))[..., :hs]
@@ -217,6 +221,12 @@ class Block(nn.Module):
         h = self.ln_1(x if prev is None else torch.cat([prev, x], dim=1))
         h = F.pad(h, (0, 0, T + K - h.size(1), 0))  # (B, K+T, C): K rows before the first
         return h[:, K:], torch.cat([h[:, K - i:K - i + T] for i in range(1, K + 1)], dim=-1)
+
+    def own_kv(self, rows):
+        """carry_kv at a stream's start: the keys (not yet turned to a slot) and values of the
+        carried rows (B, S, C), each reading the rows before it in the state, side by side
+        (B, S, 2C)."""
+        return torch.cat(self.attn.project(*self.norm(rows))[1:], dim=-1)
 
     def forward(self, x, kv=None, bias=None, prev=None, lend=0):
         """Rows x (B, T, C) after those in kv (the last K of them: prev) -> (B, T-lend, C), kv,
@@ -421,8 +431,8 @@ class FoldGPT(nn.Module):
         window = Window()
         for l, (block, layer) in enumerate(zip(self.transformer.h, rows.unbind(1))):
             mem, recent = layer.split([M, layer.size(1) - M], dim=1)  # (B, M, C), (B, R, C)
-            if kv is None:  # the rows' own k, v, each reading the rows before it in the state
-                kept = torch.cat(block.attn.project(*block.norm(layer))[1:], dim=-1)  # (B, S, 2C)
+            if kv is None:
+                kept = block.own_kv(layer)  # (B, S, 2C)
             else:
                 kept = kv[:, l]
             k, v = (block.attn.heads(t) for t in kept.split(C, dim=-1))  # (B, nh, S, hs)
@@ -659,8 +669,8 @@ class FoldGPT(nn.Module):
         W, M, K, S = (self.config.window, self.config.n_mem, self.config.token_shift,
                       self.config.n_state)
         R, (B, n, C), attn = S - M, x.size(), block.attn
-        if kept is None:  # the rows' own k, v, each reading the rows before it in the state
-            kept = torch.cat(attn.project(*block.norm(layer))[1:], dim=-1)  # (B, S, 2C)
+        if kept is None:
+            kept = block.own_kv(layer)  # (B, S, 2C)
         q, k, v = attn.project(*block.norm(x, last_rows(layer, K)))  # (B, n, C) each
         # The layer's rows in stream order, [memory ; recent ; tokens], their keys (not yet
         # turned) and values: window w pushes rows M + wW .. M + wW + W - 1 out of the recent

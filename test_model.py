@@ -133,16 +133,24 @@ def test_every_batch_row_is_its_own_stream(config):
         assert torch.allclose(end_b.rows, end.rows[b:b + 1], atol=1e-5)
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_written_out_attention_equals_fast_path(config):
-    model = tiny(**config)
-    idx = tokens(11)
-    fast, _, _ = model(idx, random_state(model))
-    for block in model.transformer.h:
-        block.attn.fast = False
-    slow, _, _ = model(idx, random_state(model))
-    assert torch.allclose(fast, slow, atol=1e-5)
+    """The same sums and, where the memory's bias needs a gradient (it then rides in a key
+    channel of its own, see attend), the same gradients."""
+    results = []
+    for fast in (True, False):
+        model = tiny(**config)
+        for block in model.transformer.h:
+            block.attn.fast = fast
+        with torch.no_grad():
+            logits = model(tokens(11), random_state(model))[0]
+        _, loss, _ = model(tokens(11), random_state(model), tokens(11, seed=3))
+        loss.backward()
+        results.append((logits, loss, [p.grad for p in model.parameters()]))
+    (fast, fast_loss, fast_grads), (slow, slow_loss, slow_grads) = results
+    assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(fast_loss, slow_loss, atol=1e-6)
+    for g, h in zip(fast_grads, slow_grads):
+        assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, atol=1e-5))
 
 
 @torch.no_grad()
