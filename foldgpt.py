@@ -294,8 +294,6 @@ class FoldGPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 < self.keep_hard <= 1.0:
             raise ValueError(f"keep_hard must be in (0, 1], got {self.keep_hard}")
-        if self.keep_context and self.carry_kv:
-            raise ValueError("keep_context and carry_kv cannot both be on: choose one")
 
 
 @dataclass
@@ -305,9 +303,10 @@ class State:
     rows: torch.Tensor  # (B, L, S, C): the condensed context, S rows per layer
     pending: torch.Tensor = None  # (B, r), r <= W: tokens since the last fold; None: none
     kv: torch.Tensor = None  # (B, L, S, 2C) with carry_kv: the rows' keys (not yet turned to a
-    #                          slot) and values as they were made; with keep_context (B, L, M, C):
-    #                          each memory row's row one layer up (FoldGPT.context); None: made
-    #                          from the rows
+    #                          slot) and values as they were made, and with keep_context too
+    #                          (B, L, S, 3C): beside them the row each one's keep score reads;
+    #                          with keep_context alone (B, L, M, C): each memory row's row one
+    #                          layer up (FoldGPT.context); None: made from the rows
 
     def __post_init__(self):
         if self.pending is None:
@@ -330,7 +329,9 @@ class Window:
     tail: list = field(default_factory=list)  # per layer: (B, <=K, C) the last K rows so far
     inputs: list = field(default_factory=list)  # per layer: (B, n, C) tokens entering Block l
     kept: list = field(default_factory=list)  # carry_kv, per layer: (B, S, 2C) carried rows' k|v
+    #                                           (with keep_context 3C: and their scores' rows)
     made: list = field(default_factory=list)  # carry_kv, per layer: (B, n, 2C) the tokens' k|v
+    #                                           (with keep_context 3C, as kept)
     context: list = field(default_factory=list)  # keep_context, per layer: (B, M, C) the memory
     #                                              rows' rows one layer up, their keep scores' input
     logp: list = field(default_factory=list)  # admit_reinforce, per layer: (B,) log-probability
@@ -431,29 +432,36 @@ class FoldGPT(nn.Module):
         window = Window()
         for l, (block, layer) in enumerate(zip(self.transformer.h, rows.unbind(1))):
             mem, recent = layer.split([M, layer.size(1) - M], dim=1)  # (B, M, C), (B, R, C)
-            if kv is None:
-                kept = block.own_kv(layer)  # (B, S, 2C)
-            else:
-                kept = kv[:, l]
-            k, v = (block.attn.heads(t) for t in kept.split(C, dim=-1))  # (B, nh, S, hs)
-            window.kv.append((block.attn.turn(k, 0), v))
+            kept = self.own_kept(rows, l) if kv is None else kv[:, l]  # (B, S, 2C or 3C)
+            k, v = (block.attn.heads(t) for t in kept[..., :2 * C].split(C, dim=-1))
+            window.kv.append((block.attn.turn(k, 0), v))  # (B, nh, S, hs) each
             window.kept.append(kept)
-            window.made.append(kept[:, :0])  # (B, 0, 2C): no tokens yet
+            window.made.append(kept[:, :0])  # (B, 0, 2C or 3C): no tokens yet
             window.tail.append(last_rows(layer, K))
             window.mem.append(mem)
-            window.bias.append(F.logsigmoid(block.keep_score(mem, self.config.keep_head_only))
+            scored = kept[:, :M, 2 * C:] if self.config.keep_context else mem  # (B, M, C)
+            window.bias.append(F.logsigmoid(block.keep_score(scored, self.config.keep_head_only))
                                if M else None)  # (B, M)
             window.recent.append(recent)
             window.inputs.append(layer[:, :0])  # (B, 0, C): no tokens yet
         return window
 
+    def own_kept(self, rows, l):
+        """carry_kv at a stream's start: what layer l's carried rows carry (B, S, 2C), their
+        keys and values (Block.own_kv), and with keep_context beside them (B, S, 3C) the rows
+        their keep scores read: the rows (B, L, S, C) one layer up (the last layer: its own)."""
+        kept = self.transformer.h[l].own_kv(rows[:, l])
+        if not self.config.keep_context:
+            return kept
+        return torch.cat([kept, rows[:, min(l + 1, self.config.n_layer - 1)]], dim=-1)
+
     def context(self, rows, kv):
         """keep_context: the rows (B, L, M, C) the memory rows' keep scores read, each memory
         row's row one layer up (kv, carried beside the rows), or at a stream's start (kv None)
         the initial state's memory rows one layer up; the last layer reads its own."""
+        L, M, C = self.config.n_layer, self.config.n_mem, self.config.n_embd
         if kv is not None:
-            return kv
-        L, M = self.config.n_layer, self.config.n_mem
+            return kv[:, :, :M, 2 * C:] if self.config.carry_kv else kv
         return rows[:, [min(l + 1, L - 1) for l in range(L)], :M]  # (B, L, M, C)
 
     def keep_scores(self, rows, kv=None):
@@ -470,23 +478,25 @@ class FoldGPT(nn.Module):
 
     def step(self, idx, window):
         """Run the next tokens idx (B, T) of the window; returns their final states (B, T, C)."""
+        L = self.config.n_layer
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         for l, block in enumerate(self.transformer.h):
             window.inputs[l] = torch.cat([window.inputs[l], x], dim=1)  # (B, n+T, C)
             prev = window.tail[l]  # the rows before these, for token shift
             window.tail[l] = last_rows(torch.cat([prev, x], dim=1), self.config.token_shift)
-            x, window.kv[l], made = block(x, window.kv[l], window.bias[l], prev)  # (B, T, C)
-            made = torch.cat(made, dim=-1) if window.kept else None  # else let them go now
-            if window.kept:  # carry_kv: the tokens' own k, v go into the state at the fold
-                window.made[l] = torch.cat([window.made[l], made], dim=1)
+            row, (x, window.kv[l], made) = x, block(x, window.kv[l], window.bias[l], prev)
+            if window.kept:  # carry_kv: the tokens' own k, v go into the state at the fold ...
+                if self.config.keep_context:  # ... and the rows their keep scores read
+                    made = (*made, x if l < L - 1 else row)
+                window.made[l] = torch.cat([window.made[l], torch.cat(made, dim=-1)], dim=1)
         window.n += idx.size(1)
         return self.transformer.ln_f(x)
 
     def fold(self, window):
-        """The next rows (B, L, S, C), and with carry_kv their k|v (B, L, S, 2C), with
-        keep_context the memory rows' rows one layer up (B, L, M, C), else None: per layer, the
-        last R of [recent rows ; tokens at layer l] stay recent; those pushed out enter the
-        memory if admit lets them (see remember)."""
+        """The next rows (B, L, S, C), and with carry_kv their k|v (B, L, S, 2C; with keep_context
+        too 3C, see State.kv), with keep_context alone the memory rows' rows one layer up
+        (B, L, M, C), else None: per layer, the last R of [recent rows ; tokens at layer l] stay
+        recent; those pushed out enter the memory if admit lets them (see remember)."""
         C, M, L = self.config.n_embd, self.config.n_mem, self.config.n_layer
         R = self.config.n_state - M
         layers = [torch.cat([recent, inputs], dim=1)  # per layer (B, R+W, C), the same positions
@@ -497,18 +507,19 @@ class FoldGPT(nn.Module):
             mem = window.mem[l]  # (B, M, C)
             if window.kept:  # carry_kv: each row's k|v go with it, side by side, (B, *, 3C)
                 made = torch.cat([window.kept[l][:, M:], window.made[l]], dim=1)  # (B, R+W, 2C)
-                layer = torch.cat([layer, made], dim=-1)
-                mem = torch.cat([mem, window.kept[l][:, :M]], dim=-1)
-            if window.context:  # keep_context: each row's row one layer up goes with it, (B, *, 2C)
+                layer = torch.cat([layer, made], dim=-1)  # (with keep_context: and its score's
+                mem = torch.cat([mem, window.kept[l][:, :M]], dim=-1)  # row, (B, *, 4C))
+            elif window.context:  # keep_context: each row's row one layer up goes with it, 2C
                 layer = torch.cat([layer, layers[min(l + 1, L - 1)]], dim=-1)
                 mem = torch.cat([mem, window.context[l]], dim=-1)
             pushed, recent = layer.split([layer.size(1) - R, R], dim=1)
             if M:
-                scored = pushed[..., C:] if window.context else pushed[..., :C]  # (B, G, C)
+                up = self.config.keep_context  # the rows the scores read: the last C channels
+                scored = pushed[..., -C:] if up else pushed[..., :C]  # (B, G, C)
                 keep = self.admit(block, scored,
                                   window.logp if self.config.admit_reinforce else None)
                 if self.config.keep_rank:  # the scores of [memory ; pushed out], as admitted
-                    held = window.context[l] if window.context else window.mem[l]  # (B, M, C)
+                    held = mem[..., -C:] if up else mem[..., :C]  # (B, M, C)
                     score = block.keep_score(torch.cat([held, scored], dim=1)).detach()
                     mem = self.remember_ranked(mem, pushed, keep, score, self.config.keep_rank)
                 else:
@@ -517,11 +528,11 @@ class FoldGPT(nn.Module):
                 mem, kept_context = mem.split(C, dim=-1)
                 recent = recent[..., :C]
                 context.append(kept_context)  # (B, M, C)
-            rows.append(torch.cat([mem, recent], dim=1))  # (B, S, C) or (B, S, 3C)
-        rows = torch.stack(rows, dim=1)  # (B, L, S, C) or (B, L, S, 3C)
+            rows.append(torch.cat([mem, recent], dim=1))  # (B, S, C), or with carry_kv 3C, 4C
+        rows = torch.stack(rows, dim=1)  # (B, L, S, C), or (B, L, S, 3C or 4C)
         if context:
             return rows, torch.stack(context, dim=1)  # (B, L, S, C), (B, L, M, C)
-        return (rows, None) if not window.kept else rows.split([C, 2 * C], dim=-1)
+        return (rows, None) if not window.kept else rows.split([C, rows.size(-1) - C], dim=-1)
 
     def admit(self, block, rows, logp=None):
         """(B, G): which rows (B, G, C) pushed out of the recent part enter the memory: score > 0;
@@ -627,9 +638,12 @@ class FoldGPT(nn.Module):
 
     def layer_by_layer(self):
         """Whether forward runs layer by layer: with carry_kv (REINFORCE needs the windows')
-        draws one by one). Sampling always runs window by window."""
+        draws one by one), where a window's first tokens' token shift reads the tokens before
+        them, not a memory row: at least token_shift recent rows. Sampling always runs window
+        by window."""
         c = self.config
-        return c.carry_kv and c.n_state > 0 and not c.admit_reinforce
+        return (c.carry_kv and c.n_state > 0 and not c.admit_reinforce
+                and c.n_state - c.n_mem >= c.token_shift)
 
     def run_layers(self, idx, rows, kv, targets, scores=False, grad_ckpt=False):
         """carry_kv: what run_windows returns for the windows of idx (B, n), layer by layer (the
@@ -642,10 +656,11 @@ class FoldGPT(nn.Module):
         run = self.layer_kept
         if grad_ckpt and torch.is_grad_enabled():
             run = partial(checkpoint, self.layer_kept, use_reentrant=False)
-        kept = [None] * L if kv is None else kv.unbind(1)
+        kept = [self.own_kept(rows, l) for l in range(L)] if kv is None else kv.unbind(1)
         after, keeps = [], []
         for l, (block, layer) in enumerate(zip(self.transformer.h, rows.unbind(1))):
-            x, rows_l, kv_l, keep = run(block, x, layer, kept[l], full)
+            up = self.config.keep_context and l < L - 1  # the scores read this layer's outputs
+            x, rows_l, kv_l, keep = run(block, x, layer, kept[l], full, up)
             after.append((rows_l, kv_l))
             keeps.append(None if keep is None else keep[:, :n])
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, windows*W, V)
@@ -660,84 +675,116 @@ class FoldGPT(nn.Module):
             rows, kv = (torch.stack(t, dim=1) for t in zip(*after))  # (B, L, S, C), (B, L, S, 2C)
         return outs, [None] * windows, [torch.stack(keeps, dim=1)] if scores else [None], rows, kv
 
-    def layer_kept(self, block, x, layer, kept, full):
+    def layer_kept(self, block, x, layer, kept, full, up=False):
         """Block l on every window at once: x (B, n, C), n a whole number of windows, the
-        layer's tokens in stream order; layer (B, S, C) and kept (B, S, 2C) or None: its carried
-        rows and their k|v before the first window. Returns the next layer's tokens (B, n, C),
-        the layer's rows and k|v after the first `full` windows (B, S, C), (B, S, 2C), and the
-        tokens' keep scores (B, n) (no memory: None)."""
+        layer's tokens in stream order; layer (B, S, C) and kept (B, S, 2C or 3C): its carried
+        rows and what they carry (see State.kv) before the first window. Returns the next
+        layer's tokens (B, n, C), the layer's rows and what they carry after the first `full`
+        windows (B, S, C), (B, S, 2C or 3C), and the tokens' keep scores (B, n) (no memory:
+        None). up (keep_context, below the last layer): the keep scores read the rows this layer
+        makes, so the windows run in waves, each of those whose memories are known by then."""
         W, M, K, S = (self.config.window, self.config.n_mem, self.config.token_shift,
                       self.config.n_state)
         R, (B, n, C), attn = S - M, x.size(), block.attn
-        if kept is None:
-            kept = block.own_kv(layer)  # (B, S, 2C)
+        head_only = self.config.keep_head_only
         q, k, v = attn.project(*block.norm(x, last_rows(layer, K)))  # (B, n, C) each
         # The layer's rows in stream order, [memory ; recent ; tokens], their keys (not yet
         # turned) and values: window w pushes rows M + wW .. M + wW + W - 1 out of the recent
         # ones (see fold).
         stream = torch.cat([layer, x], dim=1)  # (B, S+n, C)
-        keys, values = torch.cat([kept[..., :C], k], dim=1), torch.cat([kept[..., C:], v], dim=1)
+        keys = torch.cat([kept[..., :C], k], dim=1)
+        values = torch.cat([kept[..., C:2 * C], v], dim=1)
+        q = attn.turn_to(q, torch.arange(S, S + n, device=x.device))  # slots S.., plus wW
         windows = n // W
-        score, held = None, x.new_zeros(B, full + 1, 0, dtype=torch.long)  # no memory: none held
+        # Window w's memory depends on the rows pushed out by the folds before it, the last of
+        # them made by window w - 1 - R // W: with the scores read from the rows themselves,
+        # every score is known now and every window runs at once; with up, a wave of windows
+        # runs when the scores of the rows its memories depend on have been made.
+        wave = 1 + R // W if up and M else windows
+        score, held = None, [x.new_zeros(B, 0, dtype=torch.long)] * (full + 1)  # no memory
         if M:
-            score = block.keep_score(stream, self.config.keep_head_only)  # (B, S+n)
-            held = self.memory_by_window(score.detach(), full)  # (B, full+1, M)
-        # Window w reads the M rows its memory holds (slots 0..M-1), then its R recent rows and
-        # its W tokens: stream rows M + wW .. S + wW + W - 1, a slice the windows overlap in, at
-        # slots M..S+W-1. Only slot distances count, so a stream row is turned once to its place
-        # in the stream, and window w's queries and memory rows to their slots plus wW.
-        ids = held[:, :windows].flatten(1)  # (B, windows*M)
-
-        def memory(t):  # (B, S+n, C) -> (B, windows, M, C): the rows each window's memory holds
-            return t.gather(1, ids[..., None].expand(-1, -1, C)).view(B, windows, M, C)
-
-        def near(t):  # (B, S+n, C) -> (B, windows, R+W, C): each window's recent rows and tokens
-            return t[:, M:].unfold(1, R + W, W).transpose(2, 3)
-
-        at = torch.arange(S + n, device=x.device)  # each stream row's place
-        slot = at[:M] + W * at[:windows, None]  # (windows, M): memory slots, shifted by wW
-        k = torch.cat([attn.turn_to(memory(keys), slot), near(attn.turn_to(keys, at))], dim=2)
-        v = torch.cat([memory(values), near(values)], dim=2)  # (B, windows, S+W, C)
-        q = attn.turn_to(q, at[S:]).view(B * windows, W, C)  # slots S..S+W-1, plus wW
-        q, k, v = attn.heads(q), attn.heads(k.flatten(0, 1)), attn.heads(v.flatten(0, 1))
-        mask = causal_mask(W, S + W, S, x.device)  # a token reads all S rows and tokens before it
-        bias = None
-        if M:  # memory rows are read as strongly as their keep score says
-            bias = F.pad(F.logsigmoid(score.gather(1, ids)).view(B * windows, M), (0, R + W))
-        x = x + attn.attend(q, k, v, mask, bias).view(B, n, C)
-        x = x + block.mlp(block.ln_2(x))
+            score = block.keep_score(kept[..., 2 * C:] if up else stream, head_only)  # (B, S(+n))
+            admitted, held = self.admitted(score.detach()), [torch.arange(M, device=x.device)
+                                                             .expand(B, M)]
+        outs = []
+        for a in range(0, windows, wave):
+            b = min(a + wave, windows)
+            while M and len(held) < b:  # the memory as windows a..b-1 open
+                held.append(self.fold_memory(held[-1], score.detach(), admitted, len(held) - 1))
+            y = self.read_windows(block, x[:, a * W:b * W], q[:, a * W:b * W], keys, values,
+                                  score, held[a:b], a)  # (B, (b-a)W, C)
+            outs.append(y)
+            if up and M:  # the keep scores of these windows' tokens, read from their outputs
+                s = block.keep_score(y, head_only)
+                score, admitted = torch.cat([score, s], 1), torch.cat([admitted,
+                                                                      self.admitted(s.detach())], 1)
+        x = torch.cat(outs, dim=1) if outs else x  # (B, n, C)
+        while M and len(held) < full + 1:  # the memory after the last full window's fold
+            held.append(self.fold_memory(held[-1], score.detach(), admitted, len(held) - 1))
         scores = None if score is None else score[:, S:]
         if not full:
             return x, layer, kept, scores
         stays = slice(M + full * W, S + full * W)  # the R rows recent after the last full window
 
-        def after(t):  # (B, S+n, C) -> (B, S, C): the memory and recent rows after the windows
-            return torch.cat([t.gather(1, held[:, full, :, None].expand(-1, -1, C)), t[:, stays]],
-                             dim=1)
+        def after(t):  # (B, S+n, D) -> (B, S, D): the memory and recent rows after the windows
+            return torch.cat([t.gather(1, held[full][..., None].expand(-1, -1, t.size(-1))),
+                              t[:, stays]], dim=1)
 
-        return x, after(stream), torch.cat([after(keys), after(values)], dim=-1), scores
+        carried = [keys, values]
+        if self.config.keep_context:  # and the rows the keep scores read
+            carried.append(torch.cat([kept[..., 2 * C:], x], dim=1) if up else stream)
+        return x, after(stream), after(torch.cat(carried, dim=-1)), scores
 
-    def memory_by_window(self, score, full):
-        """Which rows the memory holds as each window opens, and after the last of the `full`
-        windows that fold: (B, full+1, M) indices into a layer's stream [memory ; recent ;
-        tokens] whose keep scores are score (B, S+n), from the carried memory (0..M-1) on.
-        Admission is fold's (see admitted), drawn for the whole stream at once."""
-        W, M = self.config.window, self.config.n_mem
-        B, admitted = score.size(0), self.admitted(score)
-        held = torch.arange(M, device=score.device).expand(B, M)  # (B, M)
-        out = [held]
-        for w in range(full):  # window w's fold pushes W rows out of the recent ones
-            first = M + w * W
-            pushed = torch.arange(first, first + W, device=score.device).expand(B, W)
-            keep = admitted[:, first:first + W]  # (B, W): those the memory lets in
-            if self.config.keep_rank:
-                ranked = score.gather(1, torch.cat([held, pushed], dim=1))  # (B, M+W)
-                held = self.remember_ranked(held[..., None], pushed[..., None], keep, ranked,
-                                            self.config.keep_rank)[..., 0]
-            else:
-                held = self.remember(held[..., None], pushed[..., None], keep)[..., 0]
-            out.append(held)
-        return torch.stack(out, dim=1)
+    def read_windows(self, block, x, q, keys, values, score, held, first):
+        """Block l's output (B, w*W, C) for w windows from window `first` on: their tokens x
+        and turned queries q (B, w*W, C), reading the layer's stream of keys (not yet turned)
+        and values (B, S+n, C) through their memories held (w of (B, M) indices into the
+        stream, or (B, 0)), whose rows are read as strongly as their keep scores score say."""
+        W, M, S = self.config.window, self.config.n_mem, self.config.n_state
+        R, (B, T, C), attn = S - M, x.size(), block.attn
+        w = T // W
+        ids = torch.stack(held, dim=1).flatten(1)  # (B, w*M)
+        # Window first + i reads the M rows its memory holds (slots 0..M-1), then its R recent
+        # rows and its W tokens: stream rows M + (first + i)W .. S + (first + i)W + W - 1, a
+        # slice the windows overlap in, at slots M..S+W-1. Only slot distances count, so a
+        # stream row is turned once to its place in the stream, and window first + i's queries
+        # and memory rows to their slots plus (first + i)W.
+        span = torch.arange(M + first * W, S + (first + w) * W, device=x.device)
+
+        def memory(t):  # (B, S+n, C) -> (B, w, M, C): the rows each window's memory holds
+            return t.gather(1, ids[..., None].expand(-1, -1, C)).view(B, w, M, C)
+
+        def near(t):  # (B, span, C) -> (B, w, R+W, C): each window's recent rows and tokens
+            return t.unfold(1, R + W, W).transpose(2, 3)
+
+        slot = torch.arange(M, device=x.device) + W * torch.arange(first, first + w,
+                                                                    device=x.device)[:, None]
+        k = torch.cat([attn.turn_to(memory(keys), slot),  # slot (w, M): 0..M-1, plus the shift
+                       near(attn.turn_to(keys[:, span], span))], dim=2)
+        v = torch.cat([memory(values), near(values[:, span])], dim=2)  # (B, w, S+W, C)
+        q = attn.heads(q.reshape(B * w, W, C))
+        k, v = attn.heads(k.flatten(0, 1)), attn.heads(v.flatten(0, 1))
+        mask = causal_mask(W, S + W, S, x.device)  # a token reads all S rows and tokens before it
+        bias = None
+        if M:  # memory rows are read as strongly as their keep score says
+            bias = F.pad(F.logsigmoid(score.gather(1, ids)).view(B * w, M), (0, R + W))
+        x = x + attn.attend(q, k, v, mask, bias).view(B, T, C)
+        return x + block.mlp(block.ln_2(x))
+
+    def fold_memory(self, held, score, admitted, w):
+        """Which rows (B, M) the memory holds after window w's fold, from those it held before
+        (held: indices into a layer's stream [memory ; recent ; tokens]); score (B, >= M + wW +
+        W): the stream's keep scores, admitted: which of them enter when pushed out (see
+        admitted). Window w's fold pushes out stream rows M + wW .. M + wW + W - 1 (see fold)."""
+        W, M, B = self.config.window, self.config.n_mem, held.size(0)
+        first = M + w * W
+        pushed = torch.arange(first, first + W, device=score.device).expand(B, W)
+        keep = admitted[:, first:first + W]  # (B, W): those the memory lets in
+        if self.config.keep_rank:
+            ranked = score.gather(1, torch.cat([held, pushed], dim=1))  # (B, M+W)
+            return self.remember_ranked(held[..., None], pushed[..., None], keep, ranked,
+                                        self.config.keep_rank)[..., 0]
+        return self.remember(held[..., None], pushed[..., None], keep)[..., 0]
 
     @torch.no_grad()
     def threshold_losses(self, idx, state, targets):

@@ -22,8 +22,12 @@ STAY = dict(n_state=12, n_mem=4)  # 4 memory rows and 8 recent rows: 4 stay thro
 KEPT = dict(carry_kv=True, **SHIFT3)  # rows carried with the keys and values they were made with
 CONTEXT = dict(keep_context=True, **STAY)  # keep scores read from the rows one layer up
 RANKED = dict(keep_rank=0.1, **CONTEXT)  # a full memory lets its lowest-ranked row go
-CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY), CONTEXT, RANKED]
-IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay", "context", "ranked"]
+KEPT_CONTEXT = dict(carry_kv=True, keep_context=True, token_shift=3, **STAY)
+ALL_MEMORY = dict(carry_kv=True, n_state=8, n_mem=8)  # no recent rows: runs window by window
+CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY), CONTEXT, RANKED,
+           KEPT_CONTEXT, ALL_MEMORY]
+IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay", "context", "ranked",
+       "kept+context", "kept, all memory"]
 
 
 def tiny(**changes):
@@ -403,8 +407,12 @@ def test_grad_ckpt_gives_the_same_gradients(carried):
 @pytest.mark.parametrize("config", [KEPT, dict(carry_kv=True, **STAY),
                                     dict(carry_kv=True, keep_rank=0.1, **STAY),
                                     dict(carry_kv=True, n_state=6, n_mem=4),  # R < W
-                                    dict(carry_kv=True, n_state=8, n_mem=0)],
-                         ids=["kept", "kept+stay", "kept+ranked", "kept, R < W", "kept, no memory"])
+                                    dict(carry_kv=True, n_state=8, n_mem=0),
+                                    KEPT_CONTEXT,  # waves of 3 windows: R = 2W
+                                    dict(KEPT_CONTEXT, keep_rank=0.1, n_state=10),  # of 2: R = 6
+                                    dict(KEPT_CONTEXT, n_state=6, token_shift=2)],  # of 1
+                         ids=["kept", "kept+stay", "kept+ranked", "kept, R < W", "kept, no memory",
+                              "kept+context", "kept+context+ranked", "kept+context, R < W"])
 @pytest.mark.parametrize("grad_ckpt", [False, True], ids=["", "grad_ckpt"])
 def test_with_carry_kv_layer_by_layer_trains_as_window_by_window_does(config, grad_ckpt):
     """carry_kv runs every window of a call at once, layer by layer (run_layers): in training,
@@ -413,6 +421,7 @@ def test_with_carry_kv_layer_by_layer_trains_as_window_by_window_does(config, gr
     for by_layer in (True, False):
         model = tiny(keep_supervise=0.5 if config["n_mem"] else 0.0, **config).train()
         model.by_threshold = True  # the same admissions in both (training's are drawn)
+        assert model.layer_by_layer()  # the config runs layer by layer, unless told not to
         if not by_layer:
             model.layer_by_layer = lambda: False
         state = random_state(model)
@@ -430,6 +439,16 @@ def test_with_carry_kv_layer_by_layer_trains_as_window_by_window_does(config, gr
     assert sum(g is not None and g.abs().sum() > 0 for g in grads_a) >= len(grads_a) - 1
     for g, h in zip(grads_a, grads_b):
         assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, atol=1e-5))
+
+
+def test_with_carry_kv_and_fewer_recent_rows_than_token_shift_forward_goes_window_by_window():
+    """Window by window, a window's first tokens' token shift reads the last rows it carries,
+    memory rows among them where fewer than token_shift are recent; layer by layer they would
+    read the tokens before them in the stream. So there forward runs window by window, as
+    sampling does (test_streaming_equivalence_one_call_windows_and_tokens, "kept, all memory")."""
+    assert tiny(**KEPT).layer_by_layer()  # 4 recent rows, token shift 3
+    assert not tiny(**ALL_MEMORY).layer_by_layer()  # no recent rows
+    assert not tiny(**dict(KEPT, n_state=8)).layer_by_layer()  # 2 recent rows, token shift 3
 
 
 # ---- the parts -------------------------------------------------------------------------------
@@ -451,8 +470,7 @@ def test_defaults_are_the_quick_start_model():
 def test_config_check_refuses_sizes_that_cannot_work():
     for bad in (dict(window=0), dict(n_state=-1), dict(n_state=8, n_mem=9), dict(n_layer=0),
                 dict(vocab_size=0), dict(n_embd=30), dict(n_embd=12, n_head=4),
-                dict(dropout=1.0), dict(dropout=1.5), dict(dropout=-0.1),
-                dict(keep_context=True, carry_kv=True, **MEMORY)):
+                dict(dropout=1.0), dict(dropout=1.5), dict(dropout=-0.1)):
         with pytest.raises(ValueError):
             FoldGPTConfig(**{**TINY, **bad}).check()
     for good in (dict(window=1), dict(n_state=8, n_mem=8), dict(n_layer=1, n_head=1),

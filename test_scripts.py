@@ -398,9 +398,6 @@ BAD_INPUT = {
     "resume with another model shape": (lambda tmp, data, out: [
         "train.py", *TINY_RUN, "--n_layer=3", f"--data_dir={data}", "--init_from=resume",
         "--max_iters=1000", f"--out_dir={out}"], "trained with another model or tokenizer"),
-    "keep_context with carry_kv": (lambda tmp, data, out: [
-        "train.py", f"--data_dir={data}", "--keep_context=True", "--carry_kv=True",
-        f"--out_dir={tmp}"], "keep_context and carry_kv cannot both be on"),
     "keep_supervise on data without marks": (lambda tmp, data, out: [
         "train.py", f"--data_dir={copy_data(data, tmp)}", "--keep_supervise=1.0",
         f"--out_dir={tmp}"], "--keep_supervise needs data that marks where its keys are said"),
