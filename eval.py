@@ -219,8 +219,10 @@ def describe_memory(model, enc, text, numbers, marked, W):
 
 def state_off(model):
     """The same model with its state reset at every window: each window starts from the
-    learned initial state, so nothing passes from one window to the next."""
+    learned initial state, so nothing passes from one window to the next (window by window:
+    with carry_kv, forward's layer-by-layer run does not fold)."""
     model.fold = lambda window: (model.initial_state(window.inputs[0].size(0)).rows, None)
+    model.layer_by_layer = lambda: False
     return model
 
 

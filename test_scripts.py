@@ -895,16 +895,18 @@ def test_eval_names_the_tokens_the_first_layer_lets_into_its_memory():
 
 
 @torch.no_grad()
-def test_state_off_makes_every_window_start_from_the_initial_state():
+@pytest.mark.parametrize("design", [dict(), dict(carry_kv=True, keep_context=True, **MEMORY)],
+                         ids=["default", "carry_kv"])
+def test_state_off_makes_every_window_start_from_the_initial_state(design):
     import eval as passkey
     idx = tokens(16)
-    off = passkey.state_off(tiny())
+    off = passkey.state_off(tiny(**design))
     out, _ = off.generate(idx, 4, temperature=0)
-    alone, _ = tiny().generate(idx[:, 12:], 4, temperature=0)  # the last window by itself
+    alone, _ = tiny(**design).generate(idx[:, 12:], 4, temperature=0)  # the last window alone
     assert torch.equal(out[:, 16:], alone[:, 4:])
-    logits_off = off(idx)[0][:, 12:]
-    assert torch.allclose(logits_off, tiny()(idx[:, 12:])[0], atol=1e-6)
-    assert not torch.allclose(logits_off, tiny()(idx)[0][:, 12:], atol=1e-4)
+    logits_off = off(idx)[0][:, 12:]  # forward too (bpb's state off), layer by layer or not
+    assert torch.allclose(logits_off, tiny(**design)(idx[:, 12:])[0], atol=1e-6)
+    assert not torch.allclose(logits_off, tiny(**design)(idx)[0][:, 12:], atol=1e-4)
 
 
 # ---- scale: accumulation, processes, mixed precision, the memory estimate ----------------
