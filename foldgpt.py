@@ -672,7 +672,7 @@ class FoldGPT(nn.Module):
                                    ignore_index=-1, reduction="none").view(B, windows, W).sum(2)
             outs = list(outs.unbind(1))
         if full:
-            rows, kv = (torch.stack(t, dim=1) for t in zip(*after))  # (B, L, S, C), (B, L, S, 2C)
+            rows, kv = (torch.stack(t, dim=1) for t in zip(*after))  # (B, L, S, C), State.kv's
         return outs, [None] * windows, [torch.stack(keeps, dim=1)] if scores else [None], rows, kv
 
     def layer_kept(self, block, x, layer, kept, full, up=False):
