@@ -378,6 +378,31 @@ class FoldGPT(nn.Module):
     def initial_state(self, batch_size):
         return State(self.state0.unsqueeze(0).expand(batch_size, -1, -1, -1))  # (B, L, S, C)
 
+    def restart(self, state, streams, start=None):
+        """The state with the streams that streams (B,) bool picks begun afresh, as a stream
+        begins (initial_state), the others as they were; start (L, S, C): the initial rows
+        (state0, or a copy of it whose gradient the caller collects). Pending tokens stay."""
+        start = self.state0 if start is None else start
+        pick = streams.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        rows = torch.where(pick, start.unsqueeze(0), state.rows)  # (B, L, S, C)
+        fresh_kv = self.start_kv(start.unsqueeze(0))  # (1, L, *, *) or None
+        kv = None
+        if fresh_kv is not None:
+            kv = torch.where(pick, fresh_kv, self.start_kv(state.rows)
+                             if state.kv is None else state.kv)
+        return State(rows, state.pending, kv)
+
+    def start_kv(self, rows):
+        """What a stream's start (State.kv None) makes of its rows (B, L, S, C) for State.kv:
+        with carry_kv each row's k|v (and score's row), with keep_context alone the memory rows'
+        rows one layer up; None where the state carries nothing beside its rows."""
+        c = self.config
+        if c.carry_kv and c.n_state:
+            return torch.stack([self.own_kept(rows, l) for l in range(c.n_layer)], dim=1)
+        if c.keep_context and c.n_mem:
+            return self.context(rows, None)
+        return None
+
     # A window in three parts: open it on the carried rows (evolving them once more), step its
     # tokens through (all at once in training, one at a time when sampling), fold it.
 

@@ -137,6 +137,28 @@ def test_every_batch_row_is_its_own_stream(config):
         assert torch.allclose(end_b.rows, end.rows[b:b + 1], atol=1e-5)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_a_restarted_stream_reads_on_as_a_stream_that_begins_there(config):
+    """restart (train.py's fresh_every): a picked stream reads on as if nothing came before,
+    from the initial state; the others as if nothing had happened."""
+    model = tiny(**config)
+    idx = tokens(24, batch=3)
+    _, _, state = model(idx[:, :12])  # carried, with State.kv where the design has one
+    picked = torch.tensor([True, False, True])
+    logits, _, after = model(idx[:, 12:], model.restart(state, picked))
+    fresh, _, fresh_after = model(idx[:, 12:])
+    on, _, on_after = model(idx[:, 12:], state)
+    for b, restarted in enumerate(picked.tolist()):
+        want, want_after = (fresh, fresh_after) if restarted else (on, on_after)
+        assert torch.allclose(logits[b], want[b], atol=1e-5), b
+        assert torch.allclose(after.rows[b], want_after.rows[b], atol=1e-5), b
+    assert not torch.allclose(fresh[1], on[1], atol=1e-3)  # the two differ: the test can fail
+    # a state just begun (kv None) restarts too: its kv is made as the stream's start makes it
+    begun = model.restart(model.initial_state(3), picked)
+    assert torch.allclose(model(idx, begun)[0], model(idx)[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_written_out_attention_equals_fast_path(config):
     """The same sums and, where the memory's bias needs a gradient (it then rides in a key

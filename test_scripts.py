@@ -593,7 +593,8 @@ def test_text_that_is_not_utf8(tmp_path, monkeypatch):
 # ---- never lose work, never run untrusted code ---------------------------------------------
 
 LONG_RUN = TINY_RUN + ["--max_iters=100", "--eval_interval=10", "--eval_iters=1",
-                       "--dropout=0.1"]  # dropout: the RNG states must come back too
+                       "--dropout=0.1",  # dropout: the RNG states must come back too
+                       "--fresh_every=7"]  # and the streams begun afresh on the same steps
 
 
 def ckpt_tensors(out):
@@ -936,6 +937,37 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(m1.parameters(), m2.parameters()))
 
 
+def test_fresh_every_begins_each_stream_afresh_in_turn_and_teaches_the_initial_state():
+    picked = [train.fresh_streams(it, 4, 3) for it in range(7)]
+    assert picked[0] is None  # every stream begins at step 0 anyway
+    assert [p.nonzero().flatten().tolist() for p in picked[1:]] == [[2], [1], [0, 3], [2], [1],
+                                                                    [0, 3]]
+    assert train.fresh_streams(5, 4, 0) is None and train.fresh_streams(1, 1, 3) is None
+    # A step with stream 0 begun afresh is the step from a state whose stream 0 is the
+    # initial state, but for the initial state's own gradient, which only the restart passes.
+    cfg = train.TrainConfig(grad_clip=0.0)  # clipping would weigh in the initial state's grad
+    x, y = tokens(12, batch=2), tokens(12, batch=2, seed=3)
+    results = []
+    for restart in (True, False):
+        model = tiny(**MEMORY).train()
+        for block in model.transformer.h:  # no random draws in the memory's admission
+            block.keep.bias.data.fill_(40.0)
+        state = train.State(torch.randn(2, *model.state0.shape, generator=torch.Generator()
+                                        .manual_seed(2)))
+        before = model.state0.detach().clone()
+        if not restart:
+            state = train.State(torch.cat([before[None], state.rows[1:]]))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss, after = train.train_step(model, optimizer, x, y, state, cfg,
+                                       fresh=torch.tensor([True, False]) if restart else None)
+        results.append((loss, after.rows, model, before))
+    (loss1, rows1, m1, before1), (loss2, rows2, m2, before2) = results
+    assert torch.allclose(loss1, loss2, atol=1e-6) and torch.allclose(rows1, rows2, atol=1e-5)
+    assert not torch.equal(m1.state0, before1) and torch.equal(m2.state0, before2)
+    assert all(torch.allclose(a, b, atol=1e-6) for (n, a), b in
+               zip(m1.named_parameters(), m2.parameters()) if n != "state0")
+
+
 def logged_losses(printed):
     return [float(m.group(1)) for m in re.finditer(r"^iter +\d+ \| (?:recall )?loss ([\d.]+)",
                                                    printed, re.M)]
@@ -945,7 +977,8 @@ def test_torchrun_two_processes_match_one_process_accumulating(trained, tmp_path
     data, _, _ = trained
     args = [*TINY_RUN, f"--data_dir={data}", "--batch_size=2", "--max_iters=8",
             "--eval_interval=8", "--log_interval=2", "--device=cpu", "--n_mem=8",
-            "--keep_init=40"]  # every row enters the memory: no random draws (see admit)
+            "--keep_init=40",  # every row enters the memory: no random draws (see admit)
+            "--fresh_every=3"]  # streams begun afresh: some steps in one process only
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "train.py", *args, "--grad_accum=2",
                           f"--out_dir={tmp_path / 'one'}"], cwd=HERE, capture_output=True,

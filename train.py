@@ -68,6 +68,9 @@ class TrainConfig:
     bptt: int = 4  # windows per step through which gradients flow (truncated BPTT)
     grad_accum: int = 1  # micro-steps of batch_size streams each per optimizer step (per process)
     grad_ckpt: bool = False  # recompute each window in backward: memory O(bptt) states
+    fresh_every: int = 0  # > 0: each stream begins afresh from the initial state every this many
+    #                       steps, the streams in turn, so the model learns to read a text's
+    #                       start with nothing before it; 0: only where the streams start
     # AdamW, with warmup then cosine decay to min_lr at max_iters
     max_iters: int = 1200  # optimizer steps
     learning_rate: float = 2e-3  # peak learning rate
@@ -133,6 +136,17 @@ class StreamLoader:
         return x, y, fresh
 
 
+def fresh_streams(it, n_streams, every):
+    """(n_streams,) bool: with fresh_every, the streams that begin afresh at step it, stream i
+    on the steps where (it + i) % every == 0, so they take turns; None on steps where none
+    does. A function of the step alone: a resumed run restarts the streams a straight one
+    would."""
+    if not every or it == 0:  # at step 0 every stream begins anyway
+        return None
+    fresh = (it + torch.arange(n_streams)) % every == 0
+    return fresh if fresh.any() else None
+
+
 def model_config(cfg, vocab_size):
     names = {f.name for f in fields(FoldGPTConfig)} - {"vocab_size"}
     return FoldGPTConfig(vocab_size=vocab_size, **{n: getattr(cfg, n) for n in names})
@@ -155,38 +169,44 @@ def lr_at(it, cfg):
     return cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
 
 
-def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=None, keep=None):
+def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=None, keep=None,
+               fresh=None):
     """One optimizer step over x, y (grad_accum * B, bptt * W) from state (a State, or None at
     the streams' start): grad_accum micro-steps of B streams each, whose gradients add up.
-    keep: x's tokens where the data says a key is (see keep_supervise), or None.
+    keep: x's tokens where the data says a key is (see keep_supervise), or None. fresh
+    (grad_accum * B,) bool: the streams that begin afresh here (fresh_every), or None; under
+    DDP every process passes one on the same steps (see fresh_streams).
     Returns the mean loss and the state after the step. model may be wrapped in DDP, which
     averages the gradients across processes."""
     raw = model.module if isinstance(model, DDP) else model
     A = cfg.grad_accum
     B = x.size(0) // A
     start = None
-    if state is None:  # the streams start here, from the learned initial state
+    if state is None or fresh is not None:  # streams start here, from the learned initial state
         # read through a copy whose gradient is handed to state0 below: DDP then never waits
         # for state0's gradient, which most steps do not have (see train)
         start = raw.state0.detach().requires_grad_()
-        state = State(start.unsqueeze(0).expand(x.size(0), -1, -1, -1))
+        if state is None:
+            state = State(start.unsqueeze(0).expand(x.size(0), -1, -1, -1))
     optimizer.zero_grad(set_to_none=True)
     losses, states = [], []
     for k in range(A):
         streams = slice(k * B, (k + 1) * B)
         # Under DDP, gradients are averaged across processes in the last micro-step's backward.
         sync = model.no_sync() if isinstance(model, DDP) and k < A - 1 else nullcontext()
+        part = state.select(streams)
+        if fresh is not None:  # here, not once for all: each micro-step's backward is its own
+            part = raw.restart(part, fresh[streams], start)
         with sync:
             with ctx:
-                _, loss, after = model(x[streams], state.select(streams), y[streams],
+                _, loss, after = model(x[streams], part, y[streams],
                                        grad_ckpt=cfg.grad_ckpt,
                                        keep_targets=None if keep is None else keep[streams])
             total = loss / A
             if cfg.mem_cost and raw.config.n_mem:  # a cost on keeping: see mem_cost
-                carried = state.select(streams)
                 cost = torch.sigmoid if cfg.keep_cost == "sigmoid" else F.softplus
                 kept = sum(cost(score).mean() for score in raw.keep_scores(
-                    carried.rows.detach(), None if carried.kv is None else carried.kv.detach()))
+                    part.rows.detach(), None if part.kv is None else part.kv.detach()))
                 total = total + cfg.mem_cost / A * kept
             (total if scaler is None else scaler.scale(total)).backward()
         losses.append(loss.detach())
@@ -194,11 +214,12 @@ def train_step(model, optimizer, x, y, state, cfg, ctx=nullcontext(), scaler=Non
         # stop at the step boundary (truncated BPTT), so memory stays O(bptt) windows however
         # long the stream, while the context itself flows forward without bound.
         states.append((after.rows.detach(), None if after.kv is None else after.kv.detach()))
-    if start is not None and start.grad is not None:
+    if start is not None:
+        grad = torch.zeros_like(start) if start.grad is None else start.grad  # none restarted
         if isinstance(model, DDP):  # averaged across processes, as DDP does the others
-            dist.all_reduce(start.grad)
-            start.grad /= dist.get_world_size()
-        raw.state0.grad = start.grad
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
+        raw.state0.grad = grad
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     if cfg.grad_clip > 0:
@@ -301,6 +322,8 @@ def train(cfg):
         fail(f"init_from must be scratch or resume, got {cfg.init_from!r}")
     if cfg.keep_cost not in ("sigmoid", "softplus"):
         fail(f"keep_cost must be sigmoid or softplus, got {cfg.keep_cost!r}")
+    if cfg.fresh_every < 0:
+        fail(f"fresh_every must be >= 0 (0: off), got {cfg.fresh_every}")
     if cfg.keep_head_only_until and not cfg.keep_head_only:
         fail("--keep_head_only_until ends keep_head_only at a step: give --keep_head_only=True")
     span = cfg.bptt * cfg.window
@@ -404,9 +427,13 @@ def train(cfg):
             x, y, fresh = train_data.next(recall_only=recall_only)
             if fresh:
                 state = None  # the streams start over from the top: so does the state
+            restart = None if state is None else fresh_streams(it, n_streams, cfg.fresh_every)
+            if restart is not None:  # this process's own streams (all-False here and there)
+                restart = restart[procs.rank * mine:(procs.rank + 1) * mine].to(device)
             keep = train_data.keep if cfg.keep_supervise else None  # the model asks n_mem
             loss, state = train_step(trainer, optimizer, x.to(device), y.to(device), state, cfg,
-                                     ctx, scaler, None if keep is None else keep.to(device))
+                                     ctx, scaler, None if keep is None else keep.to(device),
+                                     restart)
             it += 1
             # ----------------------------------------------------------------------------------
             if interrupted:
