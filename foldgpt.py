@@ -262,6 +262,9 @@ class FoldGPTConfig:
     keep_hard: float = 1.0  # keep_supervise's unmarked side counts only this share of its
     #                         tokens, in each layer those scored highest: the rows that would
     #                         outrank a key; 1: all of them
+    keep_margin: float = 0.0  # keep_supervise teaches the marked tokens' scores to rise above
+    #                           +keep_margin and the others' to fall below -keep_margin, not
+    #                           just to either side of 0: room for the scores of text not seen
     keep_rank: float = 0.0  # 0: a full memory lets its oldest row go; > 0: its lowest-ranked,
     #                         a row's rank being its keep score plus keep_rank for each row it
     #                         is newer, so a key outlasts the lesser rows let in after it
@@ -292,6 +295,8 @@ class FoldGPTConfig:
                              "even head size (the rotary code turns channel pairs)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.keep_margin < 0:
+            raise ValueError(f"keep_margin must be >= 0, got {self.keep_margin}")
         if not 0.0 < self.keep_hard <= 1.0:
             raise ValueError(f"keep_hard must be in (0, 1], got {self.keep_hard}")
 
@@ -874,8 +879,9 @@ class FoldGPT(nn.Module):
         that a few marked tokens among many count; of the others, only the keep_hard share that
         each layer scores highest. The printed loss stays the model's own."""
         targets = targets[:, None, :].expand_as(scores)
-        bce = F.binary_cross_entropy_with_logits(scores.float(), targets.clamp(min=0).float(),
-                                                 reduction="none")
+        side = targets.clamp(min=0).float()  # 1: marked, 0: not
+        bce = F.binary_cross_entropy_with_logits(  # with keep_margin: s - m marked, s + m not
+            scores.float() - self.config.keep_margin * (2 * side - 1), side, reduction="none")
         term = scores.new_zeros((), dtype=torch.float32)
         marked, others = targets == 1, targets == 0
         if marked.any():

@@ -908,6 +908,26 @@ def test_keep_hard_teaches_only_the_unmarked_tokens_each_layer_scores_highest():
         assert (scores.grad[:, l][taught & (targets == 0)] > 0).all()  # pushed down
 
 
+def test_keep_margin_teaches_the_marked_scores_above_it_and_the_others_below_minus_it():
+    scores = torch.tensor([[[1.0, -1.0, 0.0, 0.0]]], requires_grad=True)  # (B, L, N)
+    targets = torch.tensor([[1, 0, 1, 0]])  # 1.0 marked and -1.0 not: either side of 0 already
+    grads = []
+    for margin in (0.0, 3.0):
+        scores.grad = None
+        tiny(keep_supervise=1.0, keep_margin=margin).keep_loss(scores, targets).backward()
+        grads.append(scores.grad[0, 0].clone())
+    # binary cross-entropy of s - m (marked) and s + m (not), each side weighing half
+    for grad, m in zip(grads, (0.0, 3.0)):
+        want = 0.5 * torch.tensor([torch.sigmoid(torch.tensor(1.0 - m)) - 1,
+                                   torch.sigmoid(torch.tensor(-1.0 + m)),
+                                   torch.sigmoid(torch.tensor(-m)) - 1,
+                                   torch.sigmoid(torch.tensor(m))]) / 2
+        assert torch.allclose(grad, want, atol=1e-6), (m, grad)
+    # with the margin, a score on the right side of 0 but inside it is pushed 3 times harder
+    assert grads[1][0] < 3 * grads[0][0] < 0 and grads[1][1] > 3 * grads[0][1] > 0
+    with pytest.raises(ValueError, match="keep_margin"):
+        FoldGPTConfig(keep_margin=-1.0).check()
+
 # ---- the design document -------------------------------------------------------------------
 
 def test_design_lists_every_model_test():

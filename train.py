@@ -56,6 +56,7 @@ class TrainConfig:
     admit_reinforce: float = 0.0  # REINFORCE on the memory's admissions: by the loss after them
     keep_supervise: float = 0.0  # teach the keep scores to pick where the data says a key is
     keep_hard: float = 1.0  # keep_supervise's unmarked side: only this share, scored highest
+    keep_margin: float = 0.0  # keep_supervise: marked scores above +this, the others below -this
     keep_rank: float = 0.0  # a full memory lets go its lowest-ranked row (score + this per row
     #                         newer), not its oldest; 0: its oldest
     n_layer: int = 4  # L: blocks
