@@ -282,13 +282,13 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--out_dir=out-kv", "--carry_kv=True", "--bptt=16", "--batch_size=4",
         "--keep_supervise=1.0", "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
         "--keep_head_only_until=400"])
-    # and its real-text twin is the flags section 15 measured (out-kvc1337, out-kvc3, out-kvc7)
+    # and its real-text twin is the flags section 16 measured (out-f8-1337, out-f8-7, out-f8-3)
     kvc = configure(train.TrainConfig(), [os.path.join(HERE, "config", "landmark_kv.py")])
     assert kvc == configure(train.TrainConfig(), [
         "--data_dir=data/prose-near", "--out_dir=out-landmark-kv", "--carry_kv=True",
         "--keep_context=True", "--bptt=16", "--batch_size=4", "--keep_supervise=1.0",
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
-        "--keep_head_only_until=400"])
+        "--keep_head_only_until=400", "--fresh_every=8"])
 
 
 def test_config_file_sets_values_and_refuses_code(tmp_path):
