@@ -141,11 +141,12 @@ class CausalSelfAttention(nn.Module):
             bias = F.pad(bias, (0, P + T - bias.size(1)))  # (B, P+T)
         return self.attend(q, k, v, mask, bias), (k, v), new[1:]
 
-    def attend(self, q, k, v, mask, bias=None):
+    def attend(self, q, k, v, mask, bias=None, channel=False):
         """The sum itself: queries q (B, nh, N, hs) read keys and values k, v (B, nh, P, hs) as
         the bool mask (N, P) or (B, 1, N, P) allows (None: all); bias (B, P), or None: added to
-        the logits of each key. Returns the outputs (B, N, C)."""
-        hs = q.size(-1)
+        the logits of each key. channel: q, k and v carry such a bias already, in a last
+        channel of their own, as below (read_windows builds them so). Returns (B, N, C)."""
+        hs = q.size(-1) - channel
         if self.fast:
             if bias is not None and bias.requires_grad:  # the fused kernels pass no gradient to
                 # a mask of logits, so the bias rides in a channel of its own: q.k gains
@@ -159,7 +160,7 @@ class CausalSelfAttention(nn.Module):
                 mask = add if mask is None else add.masked_fill(~mask, float("-inf"))
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                scale=1.0 / math.sqrt(hs))[..., :hs]
+                scale=1.0 / math.sqrt(hs))
         else:  # the path sum written out: weights exp(q.k) / sum exp(q.k) over readable rows
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, N, P)
             if bias is not None:
@@ -168,6 +169,7 @@ class CausalSelfAttention(nn.Module):
                 att = att.masked_fill(~mask, float("-inf"))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v  # (B, nh, N, hs)
+        y = y[..., :hs]  # without a bias channel's output, where there is one
         B, nh, N, hs = y.size()
         y = y.transpose(1, 2).contiguous().view(B, N, nh * hs)  # (B, N, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -784,21 +786,37 @@ class FoldGPT(nn.Module):
         def memory(t):  # (B, S+n, C) -> (B, w, M, C): the rows each window's memory holds
             return t.gather(1, ids[..., None].expand(-1, -1, C)).view(B, w, M, C)
 
-        def near(t):  # (B, span, C) -> (B, w, R+W, C): each window's recent rows and tokens
-            return t.unfold(1, R + W, W).transpose(2, 3)
+        def near(t):  # (B, span, ...) -> parts of (B, w, R+W, ...): each window's recent rows
+            if R % W:  # and tokens, side by side along dim 2
+                return [t.unfold(1, R + W, W).movedim(-1, 2)]
+            # R a whole number of windows: window i's rows are chunks i .. i + R/W of W rows,
+            # shifted views of the stream (whose backward is far cheaper than unfold's)
+            chunks = t.unflatten(1, (-1, W))  # (B, w + R/W, W, ...)
+            return [chunks[:, j:j + w] for j in range(R // W + 1)]
 
         slot = torch.arange(M, device=x.device) + W * torch.arange(first, first + w,
                                                                     device=x.device)[:, None]
-        k = torch.cat([attn.turn_to(memory(keys), slot),  # slot (w, M): 0..M-1, plus the shift
-                       near(attn.turn_to(keys[:, span], span))], dim=2)
-        v = torch.cat([memory(values), near(values[:, span])], dim=2)  # (B, w, S+W, C)
-        q = attn.heads(q.reshape(B * w, W, C))
-        k, v = attn.heads(k.flatten(0, 1)), attn.heads(v.flatten(0, 1))
+        nh, hs = attn.n_head, C // attn.n_head
+        parts = [attn.turn_to(memory(keys), slot),  # slot (w, M): 0..M-1, plus the shift
+                 attn.turn_to(keys[:, span], span), memory(values), values[:, span]]
+        parts = [t.unflatten(-1, (nh, hs)) for t in parts]  # (..., nh, hs): heads
+        q = attn.heads(q.reshape(B * w, W, C))  # (B*w, nh, W, hs)
+        # memory rows are read as strongly as their keep scores say: (B, w, M)
+        bias = None if not M else F.logsigmoid(score.gather(1, ids)).view(B, w, M)
+        channel = bias is not None and bias.requires_grad
+        if channel:  # as in attend, the bias rides in a channel of its own (q.k gains
+            # sqrt(hs) * bias), put in as the keys and values are put together, not after
+            parts[0] = torch.cat([parts[0], bias[..., None, None].expand(-1, -1, -1, nh, 1)
+                                  .to(parts[0].dtype)], dim=-1)
+            parts[1:] = [F.pad(t, (0, 1)) for t in parts[1:]]
+            q, bias = F.pad(q, (0, 1), value=math.sqrt(hs)), None
+        elif bias is not None:
+            bias = F.pad(bias.view(B * w, M), (0, R + W))  # (B*w, S+W)
+        k = torch.cat([parts[0], *near(parts[1])], dim=2)  # (B, w, S+W, nh, hs or hs+1)
+        v = torch.cat([parts[2], *near(parts[3])], dim=2)
+        k, v = (t.flatten(0, 1).transpose(1, 2) for t in (k, v))  # (B*w, nh, S+W, hs or hs+1)
         mask = causal_mask(W, S + W, S, x.device)  # a token reads all S rows and tokens before it
-        bias = None
-        if M:  # memory rows are read as strongly as their keep score says
-            bias = F.pad(F.logsigmoid(score.gather(1, ids)).view(B * w, M), (0, R + W))
-        x = x + attn.attend(q, k, v, mask, bias).view(B, T, C)
+        x = x + attn.attend(q, k, v, mask, bias, channel).view(B, T, C)
         return x + block.mlp(block.ln_2(x))
 
     def fold_memory(self, held, score, admitted, w):
