@@ -781,7 +781,8 @@ class FoldGPT(nn.Module):
         # slice the windows overlap in, at slots M..S+W-1. Only slot distances count, so a
         # stream row is turned once to its place in the stream, and window first + i's queries
         # and memory rows to their slots plus (first + i)W.
-        span = torch.arange(M + first * W, S + (first + w) * W, device=x.device)
+        lo, hi = M + first * W, S + (first + w) * W  # the windows' recent rows and tokens
+        span = torch.arange(lo, hi, device=x.device)  # their slots in the stream
 
         def memory(t):  # (B, S+n, C) -> (B, w, M, C): the rows each window's memory holds
             return t.gather(1, ids[..., None].expand(-1, -1, C)).view(B, w, M, C)
@@ -798,7 +799,7 @@ class FoldGPT(nn.Module):
                                                                     device=x.device)[:, None]
         nh, hs = attn.n_head, C // attn.n_head
         parts = [attn.turn_to(memory(keys), slot),  # slot (w, M): 0..M-1, plus the shift
-                 attn.turn_to(keys[:, span], span), memory(values), values[:, span]]
+                 attn.turn_to(keys[:, lo:hi], span), memory(values), values[:, lo:hi]]
         parts = [t.unflatten(-1, (nh, hs)) for t in parts]  # (..., nh, hs): heads
         q = attn.heads(q.reshape(B * w, W, C))  # (B*w, nh, W, hs)
         # memory rows are read as strongly as their keep scores say: (B, w, M)
