@@ -765,7 +765,7 @@ class FoldGPT(nn.Module):
         carried = [keys, values]
         if self.config.keep_context:  # and the rows the keep scores read
             carried.append(torch.cat([kept[..., 2 * C:], x], dim=1) if up else stream)
-        return x, after(stream), after(torch.cat(carried, dim=-1)), scores
+        return x, after(stream), torch.cat([after(t) for t in carried], dim=-1), scores
 
     def read_windows(self, block, x, q, keys, values, score, held, first):
         """Block l's output (B, w*W, C) for w windows from window `first` on: their tokens x
