@@ -4,8 +4,7 @@ ratios (the machine may be shared and noisy): medians of repeats, warm-up exclud
 
     python bench.py --quick      # about 5 minutes on 2 CPU cores
     python bench.py              # the full run: more repeats, 180 s each in the race
-    python bench.py --carry_kv=True       # FoldGPT carrying keys and values (see foldgpt.py)
-    python bench.py --carry_kv=True --race_bptt=16   # ... racing with 16 windows a step
+    python bench.py --carry_kv=False --race_bptt=4   # the paper's evolution (config/evolve.py)
     python bench.py --n_embd=384 --n_layer=6 --n_head=6    # another model size
 
 Sampling, batch 1, the same model size for all three:
@@ -45,7 +44,8 @@ class BenchConfig:
     window: int = 32  # the model of every contender (defaults: the README's measured model)
     n_state: int = 96  # S: carried rows per layer
     n_mem: int = 32  # of the S rows, memory rows
-    carry_kv: bool = False  # FoldGPT carries each row's keys and values as made (see foldgpt.py)
+    carry_kv: bool = True  # FoldGPT carries each row's keys and values as made (train.py's
+    #                        default); False: the carried rows evolve every window (the paper's)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -59,8 +59,8 @@ class BenchConfig:
     bptt: int = 1  # internal
     grad_ckpt: bool = False  # internal
     race_seconds: float = 0.0  # training seconds of each model on real prose (0: 45 quick, 180)
-    race_bptt: int = 4  # FoldGPT's windows a step in the race, 64 // race_bptt streams: 2,048
-    #                     tokens a step (4: train.py's default recipe; carry_kv trains 16 well)
+    race_bptt: int = 16  # FoldGPT's windows a step in the race, 64 // race_bptt streams: 2,048
+    #                      tokens a step (16: train.py's default recipe; config/evolve.py's: 4)
 
 
 def model_for(cfg, contender, context=0):
@@ -170,7 +170,7 @@ def train_figures(cfg, contender, batch_size, bptt, steps, grad_ckpt):
 
 
 def race(cfg, seconds, min_steps=0):
-    """Train FoldGPT (64 // race_bptt streams x race_bptt windows a step; 4: train.py's recipe)
+    """Train FoldGPT (64 // race_bptt streams x race_bptt windows a step, train.py's recipe)
     and the plain GPT with block S + W (16 streams x 1 window of S + W: the same 2,048 tokens a
     step at the default size) on the carried
     prose's training part, one step of each in turn, until each has trained for `seconds` of its
@@ -182,8 +182,8 @@ def race(cfg, seconds, min_steps=0):
     steps, seconds on the clock)}."""
     import tempfile
     import numpy as np
-    from train import (StreamLoader, TrainConfig, evaluate, lr_at, make_optimizer, model_config,
-                       train_step)
+    from train import (StreamLoader, TrainConfig, evaluate, fresh_streams, lr_at, make_optimizer,
+                       model_config, train_step)
     from prepare_data import prose
     S, W = cfg.n_state, cfg.window
     device = pick_device(cfg.device)
@@ -222,10 +222,17 @@ def race(cfg, seconds, min_steps=0):
                 for group in r["optimizer"].param_groups:
                     group["lr"] = lr
                 x, y, fresh = r["train"].next()
+                c, step = r["cfg"], len(r["times"])
+                if c.keep_head_only and c.keep_head_only_until:  # train.py's curriculum
+                    r["model"].config.keep_head_only = step < c.keep_head_only_until
+                restart = None  # train.py's fresh starts, FoldGPT's streams in turn
+                if c.n_state and not fresh:
+                    restart = fresh_streams(step, x.size(0), c.fresh_every)
                 t = time.perf_counter()
                 _, r["state"] = train_step(r["model"], r["optimizer"], x.to(device),
                                               y.to(device), None if fresh else r["state"],
-                                              r["cfg"])
+                                              c, fresh=None if restart is None
+                                              else restart.to(device))
                 r["times"].append(time.perf_counter() - t)
                 if len(r["times"]) > 1:  # the first step warms torch up: not on the clock
                     r["clock"] += r["times"][-1]

@@ -17,11 +17,15 @@ def step_costs(cfg, model_config, n_params, dtype="float32"):
     Activations are counted per window and stream. A block saves about 18 C-wide rows of
     numbers for every row it runs (its input, LayerNorms, q/k/v, attention output, MLP input,
     GELU input and output at 4C), 4 for every carried row that only lends its keys and values,
-    and 9 more for every memory row; with token shift, K more for every row a block runs (the K
-    rows before it, side by side); the head saves W x V log-probabilities. (Counted with
+    and 9 more for every memory row (with carry_kv no carried row runs a block, and a window
+    saves about 9 for each of them, its key and value gathered, turned and read: fitted to the
+    test's measured step, session 21); with token
+    shift, K more for every row a block runs (the K rows before it, side by side); the head
+    saves W x V log-probabilities. (Counted with
     torch.autograd.graph.saved_tensors_hooks on CPU in float32; bfloat16 autocast keeps 0.58
     of those bytes.) Without grad_ckpt a step keeps bptt windows of them; with it, the state
-    entering each window plus 1.5 windows: the one being recomputed and its gradients. This is
+    entering each window plus 1.5 windows: the one being recomputed and its gradients (with
+    carry_kv, layer by layer: what enters each layer plus 1.5 layers of every window). This is
     memory in use, as torch.cuda.max_memory_allocated counts it; on CPU, glibc's malloc keeps
     memory that was freed, so a plain process's resident size can run up to 1.5x higher."""
     W, S, M = model_config.window, model_config.n_state, model_config.n_mem
@@ -32,13 +36,23 @@ def step_costs(cfg, model_config, n_params, dtype="float32"):
     lend = gone + M  # rows whose keys and values are computed only to be read
     ran = W if model_config.carry_kv else W + S + M  # rows a block runs: tokens, carried, memory
     shifted = model_config.token_shift * ran  # token shift's K rows before each, side by side
-    per_window = 4 * (L * C * (18 * rows + 4 * lend + 9 * M + shifted) + W * vocab_size)  # bytes
+    per_row = 18 * rows + 4 * lend + 9 * M + shifted  # C-wide rows a layer saves, per window
+    if model_config.carry_kv:  # the tokens alone run the block, and each window gathers, turns
+        per_row = 18 * W + 9 * S + shifted  # and reads every carried row's kept key and value
+    per_window = 4 * (L * C * per_row + W * vocab_size)  # bytes
     if dtype in ("bfloat16", "float16"):  # autocast: the dtype train.py resolved
         per_window *= 0.58
     B = cfg.batch_size  # one micro-step's streams: grad_accum micro-steps run one after another
     state = 4 * L * S * C  # bytes of one stream's carried state
     acts = B * cfg.bptt * per_window
     acts_ckpt = B * (cfg.bptt * state + 1.5 * per_window)
+    c = model_config
+    if c.carry_kv and S and not c.admit_reinforce and R >= c.token_shift:  # run_layers: with
+        # grad_ckpt, a step keeps what enters each layer (the tokens' rows, and the carried rows
+        # with their keys and values) plus 1.5 layers of every window, and the head's
+        head = 4 * W * vocab_size * (0.58 if dtype in ("bfloat16", "float16") else 1.0)
+        layer = (per_window - head) / L
+        acts_ckpt = B * (cfg.bptt * (4 * L * W * C + 1.5 * layer + head) + 3 * state)
     # FLOPs: 2 per multiply-add forward, 4 more backward; every row through a block costs
     # its weights (12 C^2 per layer, and token shift's K C^2 into the key and K-1 into the
     # query), every (row, key) pair 4 C in attention.

@@ -475,18 +475,22 @@ def test_with_carry_kv_and_fewer_recent_rows_than_token_shift_forward_goes_windo
 
 # ---- the parts -------------------------------------------------------------------------------
 
-def test_defaults_are_the_quick_start_model():
-    """FoldGPTConfig's defaults are the model of config/cpu_quick.py, the README's default run
-    of 1,099,656 parameters."""
+def test_defaults_are_the_papers_model_and_the_quick_start_carries_keys_and_values():
+    """FoldGPTConfig's defaults are the model of config/evolve.py, the paper's evolution, of
+    1,099,656 parameters; config/cpu_quick.py, the README's default run, is the same model with
+    carry_kv and the memory's training on: 1,099,652 (no evolution gates)."""
     from configurator import read_config_file
-    preset = read_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config",
-                                           "cpu_quick.py"))
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
     config = FoldGPTConfig()
-    for name, value in preset.items():
-        if hasattr(config, name) and name != "n_mem":
+    for name, value in read_config_file(os.path.join(here, "evolve.py")).items():
+        if hasattr(config, name):
             assert getattr(config, name) == value, name
-    assert (config.n_mem, config.vocab_size) == (32, 257)
+    assert (config.n_mem, config.vocab_size, config.carry_kv) == (32, 257, False)
     assert FoldGPT(config).num_params() == 1_099_656
+    quick = read_config_file(os.path.join(here, "cpu_quick.py"))
+    default = FoldGPTConfig(**{k: v for k, v in quick.items() if hasattr(config, k)})
+    assert (default.n_mem, default.carry_kv, default.keep_rank) == (32, True, 0.1)
+    assert FoldGPT(default).num_params() == 1_099_652
 
 
 def test_config_check_refuses_sizes_that_cannot_work():

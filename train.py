@@ -1,7 +1,7 @@
 """
-Train FoldGPT window by window, carrying the state along each of B contiguous streams.
+Train FoldGPT on B contiguous streams side by side, carrying the state along each of them.
 
-    python prepare_data.py && python train.py          # the CPU quick start, about 13 minutes
+    python prepare_data.py && python train.py          # the CPU quick start, about 6 minutes
     python train.py --max_iters=200 --n_state=0        # the plain windowed GPT, same recipe
     python train.py config/my_run.py --device=cuda     # `key = value` lines, then flags
     torchrun --standalone --nproc_per_node=8 train.py config/paper_24gb.py   # DDP, 8 GPUs
@@ -48,16 +48,19 @@ class TrainConfig:
     token_shift: int = 2  # rows before a row that its key reads (its query: one fewer); 0: none
     tie_embeddings: bool = False  # one matrix for the input embedding and the output layer
     evolve_gate: bool = True  # carried rows evolve by a learned share (0 at first), or fully
-    carry_kv: bool = False  # carry each row's keys and values as made; rows not evolved (faster)
+    carry_kv: bool = True  # carry each row's keys and values as made, rows not evolved, and train
+    #                        every window of a step at once; False: the paper's repetitive time
+    #                        evolution, window by window (config/evolve.py)
     keep_context: bool = False  # the keep score reads a row one layer up, which knows its window
-    keep_head_only: bool = False  # the read's gradient to the keep scores stops at the keep heads
-    keep_head_only_until: int = 0  # > 0: keep_head_only for the steps before this one only, then
-    #                                the keep scores' gradients reach the rows (the copy first)
+    keep_head_only: bool = True  # the read's gradient to the keep scores stops at the keep heads
+    keep_head_only_until: int = 400  # > 0, with keep_head_only: it holds for the steps before this
+    #                                  one only, then the keep scores' gradients reach the rows
     admit_reinforce: float = 0.0  # REINFORCE on the memory's admissions: by the loss after them
-    keep_supervise: float = 0.0  # teach the keep scores to pick where the data says a key is
-    keep_hard: float = 1.0  # keep_supervise's unmarked side: only this share, scored highest
+    keep_supervise: float = 1.0  # teach the keep scores to pick where the data says a key is
+    #                              (the built-in corpus marks it; on text without marks: nothing)
+    keep_hard: float = 0.05  # keep_supervise's unmarked side: only this share, scored highest
     keep_margin: float = 0.0  # keep_supervise: marked scores above +this, the others below -this
-    keep_rank: float = 0.0  # a full memory lets go its lowest-ranked row (score + this per row
+    keep_rank: float = 0.1  # a full memory lets go its lowest-ranked row (score + this per row
     #                         newer), not its oldest; 0: its oldest
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
@@ -65,11 +68,11 @@ class TrainConfig:
     dropout: float = 0.0  # dropout in attention and residual branches
     bias: bool = False  # biases in Linear and LayerNorm
     # one optimizer step: batch_size streams x bptt windows, state carried through them
-    batch_size: int = 16  # B: streams read side by side, each a contiguous part of the corpus
-    bptt: int = 4  # windows per step through which gradients flow (truncated BPTT)
+    batch_size: int = 4  # B: streams read side by side, each a contiguous part of the corpus
+    bptt: int = 16  # windows per step through which gradients flow (truncated BPTT)
     grad_accum: int = 1  # micro-steps of batch_size streams each per optimizer step (per process)
     grad_ckpt: bool = False  # recompute each window in backward: memory O(bptt) states
-    fresh_every: int = 0  # > 0: each stream begins afresh from the initial state every this many
+    fresh_every: int = 8  # > 0: each stream begins afresh from the initial state every this many
     #                       steps, the streams in turn, so the model learns to read a text's
     #                       start with nothing before it; 0: only where the streams start
     # AdamW, with warmup then cosine decay to min_lr at max_iters
@@ -325,8 +328,6 @@ def train(cfg):
         fail(f"keep_cost must be sigmoid or softplus, got {cfg.keep_cost!r}")
     if cfg.fresh_every < 0:
         fail(f"fresh_every must be >= 0 (0: off), got {cfg.fresh_every}")
-    if cfg.keep_head_only_until and not cfg.keep_head_only:
-        fail("--keep_head_only_until ends keep_head_only at a step: give --keep_head_only=True")
     span = cfg.bptt * cfg.window
     mine = cfg.grad_accum * cfg.batch_size  # streams of this process
     n_streams = world * mine  # streams of all processes; process r reads its own `mine` of them
@@ -335,9 +336,10 @@ def train(cfg):
     val_data = StreamLoader(os.path.join(cfg.data_dir, "val.bin"), cfg.batch_size, span)
     marked = train_data.marks is not None  # recall targets to count alone on some steps
     recall_warmup, recall_every = (cfg.recall_warmup, cfg.recall_every) if marked else (0, 0)
-    if cfg.keep_supervise and not (marked and (train_data.marks == 2).any()):
-        fail(f"--keep_supervise needs data that marks where its keys are said, and "
-             f"{cfg.data_dir} marks none: make it with this prepare_data.py (built-in corpus)")
+    supervise = cfg.keep_supervise > 0 and marked and bool((train_data.marks == 2).any())
+    if cfg.keep_supervise and not supervise and model_config(cfg, meta["vocab_size"]).n_mem:
+        say(f"note: {cfg.data_dir} marks no pass keys, so keep_supervise has nothing to teach: "
+            "the memory learns what to keep from the loss alone")
     if cfg.recall_warmup and not marked:
         say(f"note: {cfg.data_dir} marks no recall targets, so no recall_warmup: the loss "
             "counts every token from the first step")
@@ -418,7 +420,8 @@ def train(cfg):
             lr = lr_at(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if cfg.keep_head_only_until:  # a curriculum: the copy first, then the rows' admission
+            if cfg.keep_head_only and cfg.keep_head_only_until:  # a curriculum: the copy first,
+                # then the rows' admission
                 model.config.keep_head_only = it < cfg.keep_head_only_until
                 if it == cfg.keep_head_only_until:
                     say(f"iter {it}: keep_head_only ends (keep_head_only_until): the keep scores' "
@@ -431,7 +434,7 @@ def train(cfg):
             restart = None if state is None else fresh_streams(it, n_streams, cfg.fresh_every)
             if restart is not None:  # this process's own streams (all-False here and there)
                 restart = restart[procs.rank * mine:(procs.rank + 1) * mine].to(device)
-            keep = train_data.keep if cfg.keep_supervise else None  # the model asks n_mem
+            keep = train_data.keep if supervise else None  # the model asks n_mem
             loss, state = train_step(trainer, optimizer, x.to(device), y.to(device), state, cfg,
                                      ctx, scaler, None if keep is None else keep.to(device),
                                      restart)

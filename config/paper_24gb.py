@@ -22,6 +22,14 @@ n_head = 12
 n_embd = 768
 dropout = 0.0
 tie_embeddings = True  # untied would add 50,257 x 768 = 38.6M parameters
+carry_kv = False  # the paper's repetitive time evolution (the memory estimate above is of it)
+# the memory learns from the loss alone (a corpus of your own marks no keys)
+keep_supervise = 0.0
+keep_hard = 1.0
+keep_rank = 0.0
+keep_head_only = False
+keep_head_only_until = 0
+fresh_every = 0
 # one optimizer step
 batch_size = 16
 bptt = 32
