@@ -106,9 +106,10 @@ def sampler(model, contender, prompt):
                     stamps.append(time.perf_counter())
             return intervals(stamps)
     else:  # kv cache: no state, one window as long as the context
-        window = model.open_window(model.initial_state(1).rows, model.config.window)
-        for t in range(0, prompt.size(1), 512):
-            x_prompt = model.step(prompt[:, t:t + 512], window)
+        with torch.inference_mode():
+            window = model.open_window(model.initial_state(1).rows, model.config.window)
+            for t in range(0, prompt.size(1), 512):
+                x_prompt = model.step(prompt[:, t:t + 512], window)
         kv, inputs, n_prompt = list(window.kv), list(window.inputs), window.n
 
         def run(n, timed=True):
@@ -120,7 +121,7 @@ def sampler(model, contender, prompt):
                 if timed:
                     stamps.append(time.perf_counter())
             return intervals(stamps)
-    return torch.no_grad()(run)  # run is called later, outside this function's no_grad
+    return torch.inference_mode()(run)  # all three as generate samples: no autograd at all
 
 
 def sampling_latency(cfg, positions, repeats):

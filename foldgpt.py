@@ -916,13 +916,20 @@ class FoldGPT(nn.Module):
         term = self.config.keep_supervise * term
         return term - term.detach()
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, state=None,
                  on_token=None):
         """Continue idx (B, P) by max_new_tokens tokens, calling on_token(tok) with each (B, 1)
         as it is made; temperature <= 0 picks the likeliest. Returns idx with the new tokens
         (B, P + new) and the State after them, to go on from. Sampling runs in eval mode (the
         memory admits by its threshold, not by training's random draws); the mode is restored."""
+        with torch.inference_mode():  # no autograd bookkeeping at all (docs/performance.md)
+            out, state = self._generate(idx, max_new_tokens, temperature, top_k, state, on_token)
+        # copies made outside inference mode, which a training step may read on from
+        return out.clone(), State(*(None if t is None else t.clone()
+                                    for t in (state.rows, state.pending, state.kv)))
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, state, on_token):
+        """generate's work, in inference mode: its tensors are for reading, not training on."""
         W, P = self.config.window, idx.size(1)
         state = self.initial_state(idx.size(0)) if state is None else state
         idx = torch.cat([state.pending, idx], dim=1)  # the unfinished window goes on

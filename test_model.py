@@ -280,6 +280,18 @@ def test_generate_samples_in_eval_mode_and_gives_the_mode_back():
     assert not model.training
 
 
+@pytest.mark.parametrize("config", [STAY, KEPT], ids=["mem+stay", "kept"])
+def test_a_training_step_reads_on_from_what_generate_gives(config):
+    """generate samples in inference mode, and hands back ordinary tensors: a training step
+    reads on from its tokens and state, with gradients."""
+    model = tiny(**config)
+    out, state = model.generate(tokens(6), 7, temperature=0)
+    assert not out.is_inference() and not state.rows.is_inference()
+    _, loss, _ = model.train()(out[:, -4:], state, tokens(4, seed=3))
+    loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
 # ---- the state ---------------------------------------------------------------------------
 
 @torch.no_grad()
