@@ -71,7 +71,7 @@ class TrainConfig:
     batch_size: int = 4  # B: streams read side by side, each a contiguous part of the corpus
     bptt: int = 16  # windows per step through which gradients flow (truncated BPTT)
     grad_accum: int = 1  # micro-steps of batch_size streams each per optimizer step (per process)
-    grad_ckpt: bool = False  # recompute each window in backward: memory O(bptt) states
+    grad_ckpt: bool = False  # recompute each window (with carry_kv, each layer) in backward
     fresh_every: int = 8  # > 0: each stream begins afresh from the initial state every this many
     #                       steps, the streams in turn, so the model learns to read a text's
     #                       start with nothing before it; 0: only where the streams start
