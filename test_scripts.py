@@ -270,8 +270,8 @@ def test_train_defaults_are_the_model_defaults_but_the_recipes_switches():
     for f in fields(FoldGPTConfig):
         if f.name != "vocab_size":
             assert getattr(evolve, f.name) == f.default, f.name
-    assert (evolve.bptt, evolve.batch_size, evolve.fresh_every, evolve.keep_head_only_until) == \
-        (4, 16, 0, 0)
+    assert (evolve.bptt, evolve.batch_size, evolve.fresh_every, evolve.keep_head_only_until,
+            evolve.recall_every) == (4, 16, 0, 0, 2)
 
 
 def test_presets_load_and_the_cpu_preset_is_the_default():
@@ -285,20 +285,20 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--data_dir=data/prose-near", "--out_dir=out-landmark", "--keep_context=True",
         "--keep_head_only=True", "--keep_head_only_until=400", "--keep_supervise=1.0",
         "--keep_rank=0.1", "--keep_hard=0.05", "--carry_kv=False", "--bptt=4",
-        "--batch_size=16", "--fresh_every=0"])
+        "--batch_size=16", "--fresh_every=0", "--recall_every=2"])
     # the default is the flags docs/retention.md section 14 measured (out-kvh1337), with the
-    # fresh starts of section 16
+    # fresh starts of section 16 and no recall-only steps after the warm-up (section 17)
     assert train.TrainConfig() == configure(train.TrainConfig(), [
         "--carry_kv=True", "--bptt=16", "--batch_size=4", "--keep_supervise=1.0",
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
-        "--keep_head_only_until=400", "--fresh_every=8"])
+        "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=0"])
     # and its real-text twin is the flags section 16 measured (out-f8-1337, out-f8-7, out-f8-3)
     kvc = configure(train.TrainConfig(), [os.path.join(HERE, "config", "landmark_kv.py")])
     assert kvc == configure(train.TrainConfig(), [
         "--data_dir=data/prose-near", "--out_dir=out-landmark-kv", "--carry_kv=True",
         "--keep_context=True", "--bptt=16", "--batch_size=4", "--keep_supervise=1.0",
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
-        "--keep_head_only_until=400", "--fresh_every=8"])
+        "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=2"])
 
 
 def test_config_file_sets_values_and_refuses_code(tmp_path):

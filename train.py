@@ -1,7 +1,7 @@
 """
 Train FoldGPT on B contiguous streams side by side, carrying the state along each of them.
 
-    python prepare_data.py && python train.py          # the CPU quick start, about 6 minutes
+    python prepare_data.py && python train.py          # the CPU quick start, about 5 minutes
     python train.py --max_iters=200 --n_state=0        # the plain windowed GPT, same recipe
     python train.py config/my_run.py --device=cuda     # `key = value` lines, then flags
     torchrun --standalone --nproc_per_node=8 train.py config/paper_24gb.py   # DDP, 8 GPUs
@@ -81,7 +81,7 @@ class TrainConfig:
     min_lr: float = 2e-4  # learning rate at the end of the cosine
     warmup_iters: int = 100  # linear warmup steps
     recall_warmup: int = 300  # first steps whose loss counts only the recall targets the data marks
-    recall_every: int = 2  # then every recall_every-th step counts them alone again (0: never)
+    recall_every: int = 0  # then every recall_every-th step counts them alone again (0: never)
     weight_decay: float = 0.1  # on matrices and embeddings only, decoupled (AdamW)
     beta1: float = 0.9  # AdamW's decay of the gradient's running mean
     beta2: float = 0.99  # AdamW's decay of the squared gradient's running mean

@@ -1,5 +1,5 @@
 """The CPU quick start: what `python train.py` does with no arguments, written out as a preset
-to copy and change. About 6 minutes on 2 CPU cores on the built-in corpus.
+to copy and change. About 5 minutes on 2 CPU cores on the built-in corpus.
 
     python prepare_data.py && python train.py config/cpu_quick.py
 """
@@ -34,7 +34,7 @@ learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 100
 recall_warmup = 300
-recall_every = 2
+recall_every = 0
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99

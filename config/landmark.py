@@ -19,6 +19,7 @@ carry_kv = False  # the paper's evolution, window by window, 16 streams x 4 wind
 bptt = 4
 batch_size = 16
 fresh_every = 0
+recall_every = 2  # after the warm-up, every 2nd step counts the recall targets alone
 # the memory: which rows it keeps, and how it learns to choose them (docs/design.md, Fold)
 keep_context = True  # a row's keep score reads the row one layer up, which knows its window
 keep_supervise = 1.0  # taught where the corpus says a key is ...

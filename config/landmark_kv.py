@@ -29,3 +29,4 @@ keep_rank = 0.1  # a full memory lets its lowest-ranked row go, not its oldest
 keep_head_only = True  # the copy first: the keep scores' gradient stops at the keep heads ...
 keep_head_only_until = 400  # ... for the first 400 steps, then reaches the rows
 fresh_every = 8  # each stream begins afresh every 8 steps, in turn: a text's start is learned too
+recall_every = 2  # after the warm-up, every 2nd step counts the recall targets alone
