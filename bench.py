@@ -183,8 +183,8 @@ def race(cfg, seconds, min_steps=0):
     steps, seconds on the clock)}."""
     import tempfile
     import numpy as np
-    from train import (StreamLoader, TrainConfig, evaluate, fresh_streams, lr_at, make_optimizer,
-                       model_config, train_step)
+    from train import (StreamLoader, TrainConfig, evaluate, fresh_streams, keep_head_only_at,
+                       lr_at, make_optimizer, model_config, train_step)
     from prepare_data import prose
     S, W = cfg.n_state, cfg.window
     device = pick_device(cfg.device)
@@ -224,8 +224,7 @@ def race(cfg, seconds, min_steps=0):
                     group["lr"] = lr
                 x, y, fresh = r["train"].next()
                 c, step = r["cfg"], len(r["times"])
-                if c.keep_head_only and c.keep_head_only_until:  # train.py's curriculum
-                    r["model"].config.keep_head_only = step < c.keep_head_only_until
+                r["model"].config.keep_head_only = keep_head_only_at(step, c)  # as train.py
                 restart = None  # train.py's fresh starts, FoldGPT's streams in turn
                 if c.n_state and not fresh:
                     restart = fresh_streams(step, x.size(0), c.fresh_every)

@@ -39,18 +39,16 @@ def step_costs(cfg, model_config, n_params, dtype="float32"):
     per_row = 18 * rows + 4 * lend + 9 * M + shifted  # C-wide rows a layer saves, per window
     if model_config.carry_kv:  # the tokens alone run the block, and each window gathers, turns
         per_row = 18 * W + 9 * S + shifted  # and reads every carried row's kept key and value
-    per_window = 4 * (L * C * per_row + W * vocab_size)  # bytes
-    if dtype in ("bfloat16", "float16"):  # autocast: the dtype train.py resolved
-        per_window *= 0.58
+    kept = 0.58 if dtype in ("bfloat16", "float16") else 1.0  # autocast: train.py's dtype
+    head = kept * 4 * W * vocab_size  # bytes
+    per_window = kept * 4 * L * C * per_row + head
     B = cfg.batch_size  # one micro-step's streams: grad_accum micro-steps run one after another
     state = 4 * L * S * C  # bytes of one stream's carried state
     acts = B * cfg.bptt * per_window
     acts_ckpt = B * (cfg.bptt * state + 1.5 * per_window)
-    c = model_config
-    if c.carry_kv and S and not c.admit_reinforce and R >= c.token_shift:  # run_layers: with
-        # grad_ckpt, a step keeps what enters each layer (the tokens' rows, and the carried rows
-        # with their keys and values) plus 1.5 layers of every window, and the head's
-        head = 4 * W * vocab_size * (0.58 if dtype in ("bfloat16", "float16") else 1.0)
+    if model_config.layer_by_layer():  # run_layers: with grad_ckpt, a step keeps what enters
+        # each layer (the tokens' rows, and the carried rows with their keys and values) plus
+        # 1.5 layers of every window, and the head's
         layer = (per_window - head) / L
         acts_ckpt = B * (cfg.bptt * (4 * L * W * C + 1.5 * layer + head) + 3 * state)
     # FLOPs: 2 per multiply-add forward, 4 more backward; every row through a block costs

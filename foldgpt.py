@@ -281,6 +281,14 @@ class FoldGPTConfig:
         if self.n_mem < 0 or self.n_state == 0:  # -1: a third of the rows; S = 0: a plain GPT
             self.n_mem = max(0, self.n_state) // 3
 
+    def layer_by_layer(self):
+        """Whether forward runs layer by layer (FoldGPT.run_layers): with carry_kv (REINFORCE
+        needs the windows' draws one by one), where a window's first tokens' token shift reads
+        the tokens before them, not a memory row: at least token_shift recent rows. Sampling
+        always runs window by window."""
+        return bool(self.carry_kv and self.n_state > 0 and not self.admit_reinforce
+                    and self.n_state - self.n_mem >= self.token_shift)
+
     def check(self):
         """Raise ValueError, in one line that says what to change, for sizes that cannot work."""
         if self.window < 1:
@@ -669,13 +677,8 @@ class FoldGPT(nn.Module):
     # large operations where window by window takes many small ones (docs/performance.md).
 
     def layer_by_layer(self):
-        """Whether forward runs layer by layer: with carry_kv (REINFORCE needs the windows')
-        draws one by one), where a window's first tokens' token shift reads the tokens before
-        them, not a memory row: at least token_shift recent rows. Sampling always runs window
-        by window."""
-        c = self.config
-        return (c.carry_kv and c.n_state > 0 and not c.admit_reinforce
-                and c.n_state - c.n_mem >= c.token_shift)
+        """Whether forward runs layer by layer (FoldGPTConfig.layer_by_layer)."""
+        return self.config.layer_by_layer()
 
     def run_layers(self, idx, rows, kv, targets, scores=False, grad_ckpt=False):
         """carry_kv: what run_windows returns for the windows of idx (B, n), layer by layer (the

@@ -151,6 +151,12 @@ def fresh_streams(it, n_streams, every):
     return fresh if fresh.any() else None
 
 
+def keep_head_only_at(it, cfg):
+    """keep_head_only at step it: as given, and with keep_head_only_until a curriculum, the
+    copy first (head-only before that step), then the rows' admission."""
+    return cfg.keep_head_only and (not cfg.keep_head_only_until or it < cfg.keep_head_only_until)
+
+
 def model_config(cfg, vocab_size):
     names = {f.name for f in fields(FoldGPTConfig)} - {"vocab_size"}
     return FoldGPTConfig(vocab_size=vocab_size, **{n: getattr(cfg, n) for n in names})
@@ -420,12 +426,10 @@ def train(cfg):
             lr = lr_at(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if cfg.keep_head_only and cfg.keep_head_only_until:  # a curriculum: the copy first,
-                # then the rows' admission
-                model.config.keep_head_only = it < cfg.keep_head_only_until
-                if it == cfg.keep_head_only_until:
-                    say(f"iter {it}: keep_head_only ends (keep_head_only_until): the keep scores' "
-                        "gradients reach the rows from here on")
+            model.config.keep_head_only = keep_head_only_at(it, cfg)
+            if cfg.keep_head_only and it == cfg.keep_head_only_until > 0:
+                say(f"iter {it}: keep_head_only ends (keep_head_only_until): the keep scores' "
+                    "gradients reach the rows from here on")
             # ---- one step: bptt windows per stream, the state carried through all of them ----
             recall_only = it < recall_warmup or bool(recall_every and it % recall_every == 0)
             x, y, fresh = train_data.next(recall_only=recall_only)
