@@ -164,10 +164,12 @@ def first_layer_keeps(model, enc):
 
 @torch.no_grad()
 def memory_admits(model, ids):
-    """Which tokens of one stream ids (N,) the first layer's memory lets in: a list of bools,
-    for the tokens that have left the recent rows by the end of the stream (the rest: not yet
-    decided); and their keep scores there, as the fold scored them (a list of floats)."""
-    admitted, scores, admit, first = [], [], model.admit, model.transformer.h[0]
+    """Which tokens of one stream ids (N,) the first layer's memory lets in (with keep_shared,
+    every layer's: the last layer's choice): a list of bools, for the tokens that have left the
+    recent rows by the end of the stream (the rest: not yet decided); and their keep scores
+    there, as the fold scored them (a list of floats)."""
+    admitted, scores, admit = [], [], model.admit
+    first = model.transformer.h[-1 if model.config.keep_shared else 0]  # the layer that chooses
 
     def recording(block, rows, logp=None):
         keep = admit(block, rows, logp)
@@ -314,7 +316,10 @@ def passkey_task(cfg, ckpt, models, device):
     title = (f"{cfg.trials} trials per cell, greedy; haystack {hay}; {cfg.wording} wording; "
              f"{cfg.out_dir}: W={W} S={c.n_state} (memory {c.n_mem}) L={c.n_layer}")
     print("pass-key retrieval, " + title)
-    if c.n_mem and c.keep_context:
+    if c.n_mem and c.keep_shared:
+        print("every layer's memory lets in the rows the last layer's keep score picks "
+              "(keep_shared): see the memory line")
+    elif c.n_mem and c.keep_context:
         print("the first layer's memory lets rows in by their context (keep_context): "
               "see the memory line")
     elif c.n_mem:

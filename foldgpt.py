@@ -81,6 +81,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.fast = True  # F.scaled_dot_product_attention; False runs the same sum written out
+        self._joined = None  # sampling's projection weights, joined (see joined)
         # Rotary slots: 0..S-1 hold the carried rows, S..S+W-1 the tokens. The fold shifts rows
         # down by the W slots a window adds, so slot distance is distance in the stream.
         hs = config.n_embd // config.n_head
@@ -100,6 +101,28 @@ class CausalSelfAttention(nn.Module):
             if before.size(-1) > C:
                 q = q + self.c_prevq(before[..., :-C])
         return q, k, v
+
+    def joined(self):
+        """project's products as one, for one row: the weight (3C, (K+1)C) that maps the ln_1
+        rows [K rows before ; the row], side by side in stream order, to [query ; key ; value],
+        and the bias. Made again only when the weights have changed (a training step, a move
+        to another device): sampling runs one product a layer (see Block.forward_one)."""
+        parts = [self.c_attn.weight] + [getattr(self, name).weight for name in
+                                        ("c_prev", "c_prevq") if hasattr(self, name)]
+        made_of = tuple((t.data_ptr(), t._version) for t in parts)
+        if self._joined is None or self._joined[0] != made_of:
+            with torch.no_grad():
+                weight = self.c_attn.weight  # (3C, C): [query ; key ; value] of the row itself
+                if hasattr(self, "c_prev"):
+                    C, K = weight.size(1), self.c_prev.in_features // weight.size(1)
+                    prev = weight.new_zeros(3 * C, K * C)  # the K rows before, nearest first:
+                    prev[C:2 * C] = self.c_prev.weight  # all K -> key
+                    if hasattr(self, "c_prevq"):  # the nearest K-1 -> query
+                        prev[:C, :self.c_prevq.in_features] = self.c_prevq.weight
+                    prev = prev.view(3 * C, K, C).flip(1).flatten(1)  # oldest first
+                    weight = torch.cat([prev, weight], dim=1)  # (3C, (K+1)C)
+            self._joined = (made_of, weight)
+        return self._joined[1], self.c_attn.bias
 
     def heads(self, t):
         """(B, T, C) -> (B, nh, T, hs): the heads side by side become a dimension of their own."""
@@ -140,6 +163,23 @@ class CausalSelfAttention(nn.Module):
         if bias is not None:  # memory rows are read as strongly as their keep score says
             bias = F.pad(bias, (0, P + T - bias.size(1)))  # (B, P+T)
         return self.attend(q, k, v, mask, bias), (k, v), new[1:]
+
+    def forward_one(self, rows, kv, bias):
+        """forward for one new row after the P rows of kv, as sampling runs it: the same sums in
+        fewer operations, which is what a row's time is made of here. rows (B, 1, (K+1)C): the
+        row and the K before it, ln_1'd, side by side in stream order (Block.forward_one); one
+        product makes the query, key and value (joined), and the query and key turn together."""
+        weight, b = self.joined()
+        new = F.linear(rows, weight, b)  # (B, 1, 3C)
+        B, _, C = new.size()
+        C, P, nh = C // 3, kv[0].size(2), self.n_head
+        qk = new[..., :2 * C].view(B, 2 * nh, 1, C // nh)  # (B, 2nh, 1, hs): q's heads, k's
+        q, k = rotate(qk, self.cos[P:P + 1], self.sin[P:P + 1]).split(nh, dim=1)
+        k = torch.cat([kv[0], k], dim=2)  # (B, nh, P+1, hs)
+        v = torch.cat([kv[1], self.heads(new[..., 2 * C:])], dim=2)
+        if bias is not None:
+            bias = F.pad(bias, (0, P + 1 - bias.size(1)))  # (B, P+1)
+        return self.attend(q, k, v, None, bias), (k, v), (new[..., C:],)  # k|v side by side
 
     def attend(self, q, k, v, mask, bias=None, channel=False):
         """The sum itself: queries q (B, nh, N, hs) read keys and values k, v (B, nh, P, hs) as
@@ -221,7 +261,8 @@ class Block(nn.Module):
         if not K:
             return self.ln_1(x), None
         h = self.ln_1(x if prev is None else torch.cat([prev, x], dim=1))
-        h = F.pad(h, (0, 0, T + K - h.size(1), 0))  # (B, K+T, C): K rows before the first
+        if h.size(1) < T + K:  # (B, K+T, C): K rows before the first
+            h = F.pad(h, (0, 0, T + K - h.size(1), 0))
         return h[:, K:], torch.cat([h[:, K - i:K - i + T] for i in range(1, K + 1)], dim=-1)
 
     def own_kv(self, rows):
@@ -232,9 +273,25 @@ class Block(nn.Module):
 
     def forward(self, x, kv=None, bias=None, prev=None, lend=0):
         """Rows x (B, T, C) after those in kv (the last K of them: prev) -> (B, T-lend, C), kv,
-        and x's own k, v as the state keeps them (see CausalSelfAttention.forward)."""
+        and x's own k, v as the state keeps them, a tuple whose parts go side by side (see
+        CausalSelfAttention.forward). One row, no gradient (sampling): forward_one."""
+        if x.size(1) == 1 and kv is not None and not torch.is_grad_enabled():
+            return self.forward_one(x, kv, bias, prev)
         a, kv, new = self.attn(*self.norm(x, prev), kv, bias, lend)
         x = x.split([lend, x.size(1) - lend], dim=1)[1] + a  # the rows that read
+        x = x + self.mlp(self.ln_2(x))
+        return x, kv, new
+
+    def forward_one(self, x, kv, bias, prev):
+        """forward for one new row x (B, 1, C), as sampling runs it: the row and the K rows
+        before it go through ln_1 together, and side by side they are what the one product of
+        CausalSelfAttention.forward_one reads (norm's shifted copies are not needed)."""
+        K = self.token_shift
+        h = self.ln_1(x if not K else torch.cat([prev, x], dim=1))  # (B, <=K+1, C)
+        if h.size(1) < K + 1:  # where fewer than K rows came before, zeros stand in
+            h = F.pad(h, (0, 0, K + 1 - h.size(1), 0))
+        a, kv, new = self.attn.forward_one(h.flatten(1)[:, None], kv, bias)
+        x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv, new
 
@@ -270,6 +327,11 @@ class FoldGPTConfig:
     keep_rank: float = 0.0  # 0: a full memory lets its oldest row go; > 0: its lowest-ranked,
     #                         a row's rank being its keep score plus keep_rank for each row it
     #                         is newer, so a key outlasts the lesser rows let in after it
+    keep_shared: bool = False  # every layer's memory lets in (and ranks) the rows the last
+    #                            layer's keep score picks, the score that has read the most
+    #                            context; False: each layer by its own score. With it, training
+    #                            runs window by window (the first layer's next memory waits for
+    #                            the last layer's scores): docs/retention.md, section 18
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -283,10 +345,11 @@ class FoldGPTConfig:
 
     def layer_by_layer(self):
         """Whether forward runs layer by layer (FoldGPT.run_layers): with carry_kv (REINFORCE
-        needs the windows' draws one by one), where a window's first tokens' token shift reads
+        needs the windows' draws one by one, keep_shared the last layer's scores), where a window's first tokens' token shift reads
         the tokens before them, not a memory row: at least token_shift recent rows. Sampling
         always runs window by window."""
         return bool(self.carry_kv and self.n_state > 0 and not self.admit_reinforce
+                    and not (self.keep_shared and self.n_mem)
                     and self.n_state - self.n_mem >= self.token_shift)
 
     def check(self):
@@ -518,17 +581,19 @@ class FoldGPT(nn.Module):
 
     def step(self, idx, window):
         """Run the next tokens idx (B, T) of the window; returns their final states (B, T, C)."""
-        L = self.config.n_layer
+        L, K = self.config.n_layer, self.config.token_shift
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         for l, block in enumerate(self.transformer.h):
-            window.inputs[l] = torch.cat([window.inputs[l], x], dim=1)  # (B, n+T, C)
+            inputs = window.inputs[l] = torch.cat([window.inputs[l], x], dim=1)  # (B, n+T, C)
             prev = window.tail[l]  # the rows before these, for token shift
-            window.tail[l] = last_rows(torch.cat([prev, x], dim=1), self.config.token_shift)
+            window.tail[l] = last_rows(inputs if inputs.size(1) >= K else
+                                       torch.cat([prev, x], dim=1), K)
             row, (x, window.kv[l], made) = x, block(x, window.kv[l], window.bias[l], prev)
             if window.kept:  # carry_kv: the tokens' own k, v go into the state at the fold ...
                 if self.config.keep_context:  # ... and the rows their keep scores read
                     made = (*made, x if l < L - 1 else row)
-                window.made[l] = torch.cat([window.made[l], torch.cat(made, dim=-1)], dim=1)
+                made = made[0] if len(made) == 1 else torch.cat(made, dim=-1)
+                window.made[l] = torch.cat([window.made[l], made], dim=1)
         window.n += idx.size(1)
         return self.transformer.ln_f(x)
 
@@ -541,8 +606,8 @@ class FoldGPT(nn.Module):
         R = self.config.n_state - M
         layers = [torch.cat([recent, inputs], dim=1)  # per layer (B, R+W, C), the same positions
                   for recent, inputs in zip(window.recent, window.inputs)]
-        rows, context = [], []
-        for l, block in enumerate(self.transformer.h):
+        parts = []  # per layer: the memory and the rows pushed out and staying, side by side
+        for l in range(L):  # with what they carry
             layer = layers[l]  # (B, R+W, C)
             mem = window.mem[l]  # (B, M, C)
             if window.kept:  # carry_kv: each row's k|v go with it, side by side, (B, *, 3C)
@@ -552,15 +617,24 @@ class FoldGPT(nn.Module):
             elif window.context:  # keep_context: each row's row one layer up goes with it, 2C
                 layer = torch.cat([layer, layers[min(l + 1, L - 1)]], dim=-1)
                 mem = torch.cat([mem, window.context[l]], dim=-1)
-            pushed, recent = layer.split([layer.size(1) - R, R], dim=1)
+            parts.append((mem, *layer.split([layer.size(1) - R, R], dim=1)))
+
+        def choose(l):  # which rows layer l's memory lets in (B, G), and the ranks' scores
+            block, (mem, pushed, _) = self.transformer.h[l], parts[l]
+            up = self.config.keep_context  # the rows the scores read: the last C channels
+            scored = pushed[..., -C:] if up else pushed[..., :C]  # (B, G, C)
+            keep = self.admit(block, scored, window.logp if self.config.admit_reinforce else None)
+            if not self.config.keep_rank:
+                return keep, None
+            held = mem[..., -C:] if up else mem[..., :C]  # (B, M, C): the scores of [memory ;
+            return keep, block.keep_score(torch.cat([held, scored], dim=1)).detach()  # pushed]
+
+        shared = choose(L - 1) if M and self.config.keep_shared else None
+        rows, context = [], []
+        for l, (mem, pushed, recent) in enumerate(parts):
             if M:
-                up = self.config.keep_context  # the rows the scores read: the last C channels
-                scored = pushed[..., -C:] if up else pushed[..., :C]  # (B, G, C)
-                keep = self.admit(block, scored,
-                                  window.logp if self.config.admit_reinforce else None)
-                if self.config.keep_rank:  # the scores of [memory ; pushed out], as admitted
-                    held = mem[..., -C:] if up else mem[..., :C]  # (B, M, C)
-                    score = block.keep_score(torch.cat([held, scored], dim=1)).detach()
+                keep, score = shared or choose(l)
+                if self.config.keep_rank:
                     mem = self.remember_ranked(mem, pushed, keep, score, self.config.keep_rank)
                 else:
                     mem = self.remember(mem, pushed, keep)

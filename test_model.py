@@ -24,10 +24,11 @@ CONTEXT = dict(keep_context=True, **STAY)  # keep scores read from the rows one 
 RANKED = dict(keep_rank=0.1, **CONTEXT)  # a full memory lets its lowest-ranked row go
 KEPT_CONTEXT = dict(carry_kv=True, keep_context=True, token_shift=3, **STAY)
 ALL_MEMORY = dict(carry_kv=True, n_state=8, n_mem=8)  # no recent rows: runs window by window
+SHARED = dict(keep_shared=True, keep_rank=0.1, **KEPT_CONTEXT)  # the last layer picks for all
 CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY), CONTEXT, RANKED,
-           KEPT_CONTEXT, ALL_MEMORY]
+           KEPT_CONTEXT, ALL_MEMORY, SHARED]
 IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay", "context", "ranked",
-       "kept+context", "kept, all memory"]
+       "kept+context", "kept, all memory", "shared"]
 
 
 def tiny(**changes):
@@ -613,6 +614,24 @@ def test_with_keep_context_a_row_s_admission_depends_on_what_came_before_it():
     assert torch.equal(byte[:, 0], byte[:, 1])  # the first layer's row is its token: by byte
     assert not torch.allclose(context[:, 0], context[:, 1], atol=1e-3)  # by what came before
     assert ((context[:, 0] > 0) != (context[:, 1] > 0)).any()  # the same token, in or out
+
+
+@torch.no_grad()
+def test_with_keep_shared_every_layer_lets_in_what_the_last_layer_picks():
+    keeps = {}
+    for shared in (False, True):
+        model = tiny(**{**SHARED, "keep_shared": shared})
+        model.layer_by_layer = lambda: False  # both window by window: the folds in turn
+        assert model.config.layer_by_layer() == (not shared) and not model.layer_by_layer()
+        recorded, remember = [], model.remember_ranked
+        model.remember_ranked = lambda mem, pushed, keep, *rest: (
+            recorded.append(keep), remember(mem, pushed, keep, *rest))[1]
+        model(tokens(16, batch=8))  # 4 windows: 4 folds of 2 layers
+        keeps[shared] = torch.stack(recorded).view(4, 2, 8, -1)  # (fold, layer, B, G)
+    own, shared = keeps[False], keeps[True]
+    assert torch.equal(shared[:, 0], shared[:, 1])  # every layer lets in the same rows ...
+    assert torch.equal(shared[0, 0], own[0, 1])  # ... those the last layer's score picks
+    assert not torch.equal(own[:, 0], own[:, 1])  # on its own, the first layer picks others
 
 
 @torch.no_grad()
