@@ -90,6 +90,10 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("cos", angle.cos(), persistent=False)
         self.register_buffer("sin", angle.sin(), persistent=False)
         self.register_buffer("freq", freq.double(), persistent=False)
+        # For one row (forward_one): rotate as x * cos + [x2 ; x1] * [-sin ; sin], whole rows
+        self.register_buffer("cos_row", torch.cat([angle.cos()] * 2, 1), persistent=False)
+        self.register_buffer("sin_row", torch.cat([-angle.sin(), angle.sin()], 1),
+                             persistent=False)
 
     def project(self, x, before):
         """Queries, keys and values (B, T, C) of rows x (B, T, C), before their slots are turned
@@ -166,20 +170,29 @@ class CausalSelfAttention(nn.Module):
 
     def forward_one(self, rows, kv, bias):
         """forward for one new row after the P rows of kv, as sampling runs it: the same sums in
-        fewer operations, which is what a row's time is made of here. rows (B, 1, (K+1)C): the
+        fewer operations, which is what a row's time is made of here. rows (B, (K+1)C): the
         row and the K before it, ln_1'd, side by side in stream order (Block.forward_one); one
-        product makes the query, key and value (joined), and the query and key turn together."""
+        product makes the query, key and value (joined), and the query and key turn together.
+        Returns the output (B, C), kv with the row's k, v, and the row's k|v (B, 2C) unturned."""
         weight, b = self.joined()
-        new = F.linear(rows, weight, b)  # (B, 1, 3C)
-        B, _, C = new.size()
-        C, P, nh = C // 3, kv[0].size(2), self.n_head
-        qk = new[..., :2 * C].view(B, 2 * nh, 1, C // nh)  # (B, 2nh, 1, hs): q's heads, k's
-        q, k = rotate(qk, self.cos[P:P + 1], self.sin[P:P + 1]).split(nh, dim=1)
+        new = F.linear(rows, weight, b)  # (B, 3C)
+        B, C, P, nh = new.size(0), new.size(1) // 3, kv[0].size(2), self.n_head
+        # rotate's sums for the query's and key's heads at once, (B, 2nh, 1, hs), at slot P:
+        # x * cos + [x2 ; x1] * [-sin ; sin], the halves swapped by a flip
+        qk = new[:, :2 * C].view(B, 2 * nh, 2, -1)  # each head in its two halves
+        turned = qk.flip(2).view(B, 2 * nh, 1, -1) * self.sin_row[P]
+        q, k = torch.addcmul(turned, qk.view(B, 2 * nh, 1, -1), self.cos_row[P]).split(nh, 1)
         k = torch.cat([kv[0], k], dim=2)  # (B, nh, P+1, hs)
-        v = torch.cat([kv[1], self.heads(new[..., 2 * C:])], dim=2)
+        v = torch.cat([kv[1], new[:, 2 * C:].view(B, nh, 1, -1)], dim=2)
         if bias is not None:
             bias = F.pad(bias, (0, P + 1 - bias.size(1)))  # (B, P+1)
-        return self.attend(q, k, v, None, bias), (k, v), (new[..., C:],)  # k|v side by side
+        if self.fast:  # attend's sum, with nothing to decide: one row reads every row
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else
+                                               bias.to(q.dtype)[:, None, None, :])
+            y = F.linear(y.view(B, C), self.c_proj.weight, self.c_proj.bias)  # heads side by side
+        else:
+            y = self.attend(q, k, v, None, bias).view(B, C)
+        return y, (k, v), new[:, C:]
 
     def attend(self, q, k, v, mask, bias=None, channel=False):
         """The sum itself: queries q (B, nh, N, hs) read keys and values k, v (B, nh, P, hs) as
@@ -286,14 +299,16 @@ class Block(nn.Module):
         """forward for one new row x (B, 1, C), as sampling runs it: the row and the K rows
         before it go through ln_1 together, and side by side they are what the one product of
         CausalSelfAttention.forward_one reads (norm's shifted copies are not needed)."""
-        K = self.token_shift
+        K, B = self.token_shift, x.size(0)
         h = self.ln_1(x if not K else torch.cat([prev, x], dim=1))  # (B, <=K+1, C)
         if h.size(1) < K + 1:  # where fewer than K rows came before, zeros stand in
             h = F.pad(h, (0, 0, K + 1 - h.size(1), 0))
-        a, kv, new = self.attn.forward_one(h.flatten(1)[:, None], kv, bias)
-        x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, kv, new
+        a, kv, new = self.attn.forward_one(h.view(B, -1), kv, bias)  # rows as (B, C): the
+        x = x.view(B, -1) + a  # products' shortest road
+        fc, proj = self.mlp.c_fc, self.mlp.c_proj  # the MLP's products, without its dropout
+        x = x + F.linear(F.gelu(F.linear(self.ln_2(x), fc.weight, fc.bias)), proj.weight,
+                         proj.bias)
+        return x[:, None], kv, (new[:, None],)  # (B, 1, C); k|v side by side (B, 1, 2C)
 
 
 @dataclass
