@@ -36,10 +36,19 @@ with a memory it first shows which tokens of one prompt its memory lets in.
 position in the document (first window, second, ...), as Transformer-XL and Block-Recurrent
 Transformers report it. A plain GPT of block N is scored with a stride of N/2, so each token
 reads N/2 to N tokens before it, or all before it in the document.
+
+--task=memory looks inside the memory when the question comes (the passkey task's prompts, at
+--windows, or --max_windows): per layer, in how many trials its memory still holds every token
+of the key's first statement, and how many other digits it holds; then, for the trials
+answered wrong, what each layer's memory holds, token by token. It is how a lost key is told
+from a key kept and misread (docs/retention.md, section 18).
+
+    python eval.py --task=memory --trials=20 --windows=256
 """
 
 import csv
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -62,7 +71,8 @@ from checkpoints import load_checkpoint, pick_device
 
 @dataclass
 class EvalConfig:
-    task: str = "passkey"  # 'passkey' (retrieval by distance) or 'bpb' (bits per byte)
+    task: str = "passkey"  # 'passkey' (retrieval by distance), 'bpb' (bits per byte), 'memory'
+    #                        (what the memory holds when the question comes)
     out_dir: str = "out"  # the FoldGPT checkpoint to test
     baseline_dir: str = ""  # checkpoints beside it, comma-separated (n_state=0: plain GPTs), or ''
     haystack: str = "prose"  # 'prose' (held out), 'filler', 'kjv', or a .txt file or folder
@@ -410,14 +420,94 @@ def bpb_task(cfg, ckpt, models, device):
     return table
 
 
+@torch.no_grad()
+def memory_positions(model, ids):
+    """Where each layer's memory rows came from once the model has read ids (B, N), window by
+    window: (B, L, M) positions in ids, -1 for a row of the initial state. remember and
+    remember_ranked choose among rows of any kind, so run on the rows' positions beside the
+    rows themselves they tell which rows they chose."""
+    c, B = model.config, ids.size(0)
+    W, L, R = c.window, c.n_layer, c.n_state - c.n_mem
+    held, folds = torch.full((B, L, c.n_mem), -1, dtype=torch.long), [0]
+
+    def follow(choose):
+        def chosen(mem, pushed, keep, *rank):
+            l, w = folds[0] % L, folds[0] // L  # fold calls them layer after layer
+            folds[0] += 1
+            came = torch.arange(w * W - R, w * W - R + pushed.size(1)).clamp(min=-1)
+            held[:, l] = choose(held[:, l, :, None], came.expand(B, -1)[..., None],
+                                keep.cpu(), *(t.cpu() for t in rank if torch.is_tensor(t)),
+                                *(t for t in rank if not torch.is_tensor(t)))[..., 0]
+            return choose(mem, pushed, keep, *rank)
+        return chosen
+
+    model.remember, model.remember_ranked = (follow(model.remember),
+                                             follow(model.remember_ranked))
+    model.layer_by_layer = lambda: False  # window by window, through fold
+    try:
+        model.eval()(ids)
+    finally:
+        del model.remember, model.remember_ranked, model.layer_by_layer
+    return held
+
+
+def memory_task(cfg, ckpt, models, device):
+    model, enc = models["FoldGPT"], get_tokenizer(ckpt["meta"]["tokenizer"])
+    c, W = model.config, model.config.window
+    if not c.n_mem:
+        fail(f"{cfg.out_dir} has no memory rows (n_mem = 0): --task=memory looks inside one")
+    marked, text = cfg.wording == "marked", None
+    if cfg.haystack != "filler":
+        text = haystack_text(cfg.haystack)
+    try:
+        windows = [int(w) for w in cfg.windows.split(",")] if cfg.windows else [cfg.max_windows]
+    except ValueError:
+        fail(f"--windows takes whole numbers, comma-separated, got {cfg.windows!r}")
+    rng = random.Random(cfg.seed)
+    for w in windows:
+        keys, ids = make_batch(enc, cfg.trials, w * W, W, rng, text, cfg.numbers, marked)
+        held = memory_positions(model, ids.to(device)).tolist()
+        out = model.generate(ids.to(device), 8, temperature=0)[0][:, ids.size(1):].tolist()
+        found, wrong = 0, []
+        holds, others = [0] * c.n_layer, [0] * c.n_layer
+        for b, key in enumerate(keys):
+            pieces = [enc.decode([t]) for t in ids[b].tolist()]
+            ends = list(itertools.accumulate(len(p) for p in pieces))
+            said = [[i for i, e in enumerate(ends) if m.start() < e and e - len(pieces[i]) <
+                     m.end()] for m in re.finditer(str(key), "".join(pieces))]  # the key's
+            digits = {i for i, p in enumerate(pieces) if any(ch.isdigit() for ch in p)}
+            digits -= {i for tokens in said for i in tokens}  # tokens, as each time it is said
+            for l in range(c.n_layer):
+                holds[l] += set(said[0]) <= set(held[b][l])  # its first statement
+                others[l] += len(digits & set(held[b][l]))
+            written = enc.decode(out[b])
+            found += score(written, key)
+            if not score(written, key):
+                wrong.append((key, written, ["".join("." if i < 0 else pieces[i] for i in
+                                                     held[b][l]) for l in range(c.n_layer)]))
+        print(f"memory at the question, {w} windows ({ids.size(1):,} tokens), {cfg.trials} "
+              f"trials: the key written in {found}")
+        print(f"{'layer':>7}  {'holds the key':>14}  {'digits of other numbers held (mean)':>36}")
+        for l in range(c.n_layer):
+            print(f"{l:>7}  {holds[l]:>8} / {cfg.trials:<3}  {others[l] / cfg.trials:>36.1f}")
+        if wrong:
+            print("wrong answers, and what each layer's memory holds ('.': an initial row):")
+        for key, written, lines in wrong[:8]:
+            print(f"  key {key}, wrote {written.strip()[:12]!r}")
+            for l, line in enumerate(lines):
+                print(f"    layer {l}: {line!r}")
+    return None
+
+
 def main(cfg):
     if cfg.trials < 1 or cfg.max_windows < 0:
         fail("--trials must be >= 1 and --max_windows >= 0")
-    if cfg.task not in ("passkey", "bpb"):
-        fail(f"task must be passkey or bpb, got {cfg.task!r}")
+    tasks = {"passkey": passkey_task, "bpb": bpb_task, "memory": memory_task}
+    if cfg.task not in tasks:
+        fail(f"task must be passkey, bpb or memory, got {cfg.task!r}")
     device = pick_device(cfg.device)
     ckpt, models = load_models(cfg, device)
-    return (passkey_task if cfg.task == "passkey" else bpb_task)(cfg, ckpt, models, device)
+    return tasks[cfg.task](cfg, ckpt, models, device)
 
 
 if __name__ == "__main__":

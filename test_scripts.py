@@ -449,7 +449,7 @@ BAD_INPUT = {
     "eval wording unknown": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={out}", "--wording=loud"], "wording must be landmark or marked"),
     "eval task unknown": (lambda tmp, data, out: [
-        "eval.py", f"--out_dir={out}", "--task=ppl"], "task must be passkey or bpb"),
+        "eval.py", f"--out_dir={out}", "--task=ppl"], "task must be passkey, bpb or memory"),
     "eval distances not numbers": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={out}", "--windows=1,x"], "--windows takes whole numbers"),
     # files that lie: damaged on purpose
@@ -840,6 +840,22 @@ def test_eval_shows_which_tokens_the_memory_lets_in(carry_kv):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("carry_kv", [False, True], ids=["", "carry_kv"])
+def test_eval_tells_where_each_memory_row_came_from(carry_kv):
+    import eval as passkey
+    from test_model import first_layer_scores_by_token
+    model = tiny(carry_kv=carry_kv, **MEMORY)  # 6 memory rows, 4 recent; W = 4
+    first_layer_scores_by_token(model, {3, 5})
+    ids = torch.tensor([[3, 1, 5, 2, 9, 3, 7, 7, 5, 1, 3, 2]])  # 3 windows: 8 tokens pushed out
+    held = passkey.memory_positions(model, ids)  # (1, L, 6)
+    assert held[0, 0].tolist() == [-1, -1, -1, 0, 2, 5]  # the 3 and 5s after 3 initial rows
+    _, _, state = model(ids)
+    first = state.rows[0, 0]  # the first layer's memory rows (0-5) are the tokens' embeddings
+    assert torch.allclose(first[3:6], model.transformer.wte.weight[ids[0, [0, 2, 5]]], atol=1e-6)
+    assert not {"remember", "remember_ranked", "layer_by_layer"} & set(vars(model))  # put back
+
+
+@torch.no_grad()
 def test_a_plain_gpt_is_sampled_and_scored_reading_its_last_block_tokens():
     import eval as passkey
     plain = tiny(n_state=0)  # W = 4: a GPT with block 4
@@ -880,6 +896,13 @@ def test_eval_runs_both_tasks_on_a_checkpoint(trained, tmp_path):
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     assert [r[0] for r in rows] == ["FoldGPT", "state"] and len(rows[0]) == 1 + 1 + 3
     assert all(0 < float(v) < 9 for v in rows[0][1:])  # bits per byte: below uniform's 8.0
+    result = run_in("eval.py", f"--out_dir={out}", "--task=memory", "--trials=3", "--windows=2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert re.match(r"memory at the question, 2 windows \(\d+ tokens\), 3 trials: the key "
+                    r"written in [0-3]$", lines[0])
+    layers = [re.match(r" +(\d) +[0-3] / 3 +\d+\.\d$", t) for t in lines[2:4]]
+    assert [m and m.group(1) for m in layers] == ["0", "1"]  # a line per layer
 
 
 def test_eval_scores_the_exact_key_only():
