@@ -287,8 +287,8 @@ class Block(nn.Module):
     def forward(self, x, kv=None, bias=None, prev=None, lend=0):
         """Rows x (B, T, C) after those in kv (the last K of them: prev) -> (B, T-lend, C), kv,
         and x's own k, v as the state keeps them, a tuple whose parts go side by side (see
-        CausalSelfAttention.forward). One row, no gradient (sampling): forward_one."""
-        if x.size(1) == 1 and kv is not None and not torch.is_grad_enabled():
+        CausalSelfAttention.forward). One row in eval mode, no gradient (sampling): forward_one."""
+        if x.size(1) == 1 and kv is not None and not (self.training or torch.is_grad_enabled()):
             return self.forward_one(x, kv, bias, prev)
         a, kv, new = self.attn(*self.norm(x, prev), kv, bias, lend)
         x = x.split([lend, x.size(1) - lend], dim=1)[1] + a  # the rows that read
@@ -360,9 +360,9 @@ class FoldGPTConfig:
 
     def layer_by_layer(self):
         """Whether forward runs layer by layer (FoldGPT.run_layers): with carry_kv (REINFORCE
-        needs the windows' draws one by one, keep_shared the last layer's scores), where a window's first tokens' token shift reads
-        the tokens before them, not a memory row: at least token_shift recent rows. Sampling
-        always runs window by window."""
+        needs the windows' draws one by one, keep_shared the last layer's scores), where a
+        window's first tokens' token shift reads the tokens before them, not a memory row: at
+        least token_shift recent rows. Sampling always runs window by window."""
         return bool(self.carry_kv and self.n_state > 0 and not self.admit_reinforce
                     and not (self.keep_shared and self.n_mem)
                     and self.n_state - self.n_mem >= self.token_shift)
