@@ -125,25 +125,30 @@ def sampler(model, contender, prompt):
 
 
 def sampling_latency(cfg, positions, repeats):
-    """{contender: {position: median over repeats of the mean ms per token}}. One contender at a
-    time, its prompts read once, and every repeat visits all its positions in turn, so a change
-    in the machine's load reaches them alike. (Measured side by side, the KV cache's large
-    tensors slowed the contender timed after them: FoldGPT alone showed no such drift.)"""
+    """{contender: {position: median over repeats of the mean ms per token}}. Each prompt is read
+    once; every repeat visits all positions in turn, FoldGPT and the crop sampler one after the
+    other, so a change in the load of this shared machine reaches both alike (their ratio is a
+    target). The KV cache runs after them, alone: measured side by side, its large tensors
+    slowed the contender timed after them."""
     n = 2 * cfg.window + 1  # 2W intervals per repeat: two folds for FoldGPT
     device = pick_device(cfg.device)
     prompts = {p: torch.randint(0, cfg.vocab_size, (1, p), device=device) for p in positions}
     table = {}
-    for c in ("FoldGPT", "crop", "kv cache"):
-        model = model_for(cfg, c, max(positions) + n + 1).eval()
-        runs = {p: sampler(model, c, prompt) for p, prompt in prompts.items()}
-        for run in runs.values():
-            run(8)  # warm-up
-        means = {p: [] for p in positions}
+    for group in (("FoldGPT", "crop"), ("kv cache",)):
+        runs = {}
+        for c in group:
+            model = model_for(cfg, c, max(positions) + n + 1).eval()
+            runs[c] = {p: sampler(model, c, prompt) for p, prompt in prompts.items()}
+            for run in runs[c].values():
+                run(8)  # warm-up
+        means = {c: {p: [] for p in positions} for c in group}
         for _ in range(repeats):
-            for p, run in runs.items():
-                means[p].append(statistics.mean(run(n)))
-        table[c] = {p: 1000 * statistics.median(means[p]) for p in positions}
-        del model, runs  # free the KV cache's tensors before the next contender
+            for p in positions:
+                for c in group:
+                    means[c][p].append(statistics.mean(runs[c][p](n)))
+        for c in group:
+            table[c] = {p: 1000 * statistics.median(means[c][p]) for p in positions}
+        del model, runs  # free the KV cache's tensors before anything else runs
     for p in positions:
         print(f"  position {p:6,}: " + "  ".join(f"{c} {table[c][p]:.2f} ms" for c in table))
     return table
@@ -311,7 +316,7 @@ def main(cfg):
           f"{'quick' if quick else 'full'} run\n")
 
     print(f"sampling, batch 1: mean ms per token over {2 * cfg.window} tokens at each position, "
-          f"median of {repeats} repeats")
+          f"median of {repeats} repeats (FoldGPT and the crop sampler in turn)")
     lat = sampling_latency(cfg, positions, repeats)
     for c, by_pos in lat.items():
         rows += [("sampling ms/token", c, f"position {p}", round(v, 4)) for p, v in by_pos.items()]
