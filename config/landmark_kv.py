@@ -1,7 +1,7 @@
-"""config/landmark.py's real-prose recipe with carry_kv: every window of a step at once, so each
-stage takes about 8 minutes on one CPU thread where landmark.py's took 17 to 25
-(docs/retention.md, section 15). Pass keys in Landmark's words in Shakespeare with numbers sown
-in; stage 1 asks for each key within 64 characters, stage 2 from up to 1,024 back:
+"""Pass keys in real prose, in the passkey test's own unmarked words: the best recipe so far
+(docs/retention.md, section 18). Shakespeare with facts and numbers sown in, all keys in
+Landmark's words; stage 1 asks for each key within 64 characters (where the copy from the memory
+is learned), stage 2 from up to 1,024 back (where keeping is learned):
 
     python prepare_data.py --prose=0.75 --unmarked=1.0 --max_gap=64 --out_dir=data/prose-near
     python prepare_data.py --prose=0.75 --unmarked=1.0 --out_dir=data/prose-far
@@ -10,16 +10,18 @@ in; stage 1 asks for each key within 64 characters, stage 2 from up to 1,024 bac
         --max_iters=2400 --learning_rate=2e-4                   # stage 2: 1,200 more steps
     python eval.py --out_dir=out-landmark-kv                    # held-out prose, Landmark's words
 
-Measured (50 trials, docs/retention.md, section 16): seeds 1337, 7 and 3 found the key 62-100%
-of the time to 64 windows of held-out prose and 40, 36 and 34% at 256; 3.58-3.70 bits per byte
-on held-out prose. Without fresh_every (section 15): 5% at 256 windows for seeds 1337 and 7 (20
-trials), 74% for seed 3, and 3.96 bits per byte for seed 1337 (the plain GPT of block 128
-through the same stages: 3.53).
+Measured (50 trials, docs/retention.md, section 18): seeds 1337 and 7 found the key 84-100% and
+70-96% of the time from 0 to 64 windows of held-out prose and 82% and 88% at 256; 21 and 18
+minutes a stage on one CPU thread beside another run. Without keep_shared (section 16: each
+layer's memory chosen by its own score) 62-100% to 64 windows and 34-40% at 256, in about 15
+minutes a stage.
 """
 data_dir = "data/prose-near"
 out_dir = "out-landmark-kv"
-carry_kv = True  # keys and values carried as made; training runs layer by layer
+carry_kv = True  # keys and values carried as made, rows not evolved
 keep_context = True  # a row's keep score reads the row one layer up, which knows its window
+keep_shared = True  # every layer's memory lets in what the last layer's score picks (training
+#                     then runs window by window: about twice as long a step)
 bptt = 16  # 16 windows a step, 4 streams: the default's 2,048 tokens a step
 batch_size = 4
 # the memory: which rows it keeps, and how it learns to choose them (docs/design.md, Fold)
