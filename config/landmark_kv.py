@@ -10,11 +10,11 @@ is learned), stage 2 from up to 1,024 back (where keeping is learned):
         --max_iters=2400 --learning_rate=2e-4                   # stage 2: 1,200 more steps
     python eval.py --out_dir=out-landmark-kv                    # held-out prose, Landmark's words
 
-Measured (50 trials, docs/retention.md, section 18): seeds 1337 and 7 found the key 84-100% and
-70-96% of the time from 0 to 64 windows of held-out prose and 82% and 88% at 256; 21 and 18
-minutes a stage on one CPU thread beside another run. Without keep_shared (section 16: each
-layer's memory chosen by its own score) 62-100% to 64 windows and 34-40% at 256, in about 15
-minutes a stage.
+Measured (50 trials, docs/retention.md, section 18): seeds 1337, 7 and 3 found the key 70-100%
+of the time from 0 to 64 windows of held-out prose, 68-74% at 128 and 82, 88 and 78% at 256;
+17 to 26 minutes a stage on one CPU thread. Without keep_shared (section 16: each layer's
+memory chosen by its own score) 62-100% to 64 windows and 34-40% at 256, in about 15 minutes a
+stage.
 """
 data_dir = "data/prose-near"
 out_dir = "out-landmark-kv"
