@@ -435,9 +435,8 @@ def memory_positions(model, ids):
             l, w = folds[0] % L, folds[0] // L  # fold calls them layer after layer
             folds[0] += 1
             came = torch.arange(w * W - R, w * W - R + pushed.size(1)).clamp(min=-1)
-            held[:, l] = choose(held[:, l, :, None], came.expand(B, -1)[..., None],
-                                keep.cpu(), *(t.cpu() for t in rank if torch.is_tensor(t)),
-                                *(t for t in rank if not torch.is_tensor(t)))[..., 0]
+            held[:, l] = choose(held[:, l, :, None], came.expand(B, -1)[..., None], keep.cpu(),
+                                *(t.cpu() if torch.is_tensor(t) else t for t in rank))[..., 0]
             return choose(mem, pushed, keep, *rank)
         return chosen
 
@@ -468,15 +467,16 @@ def memory_task(cfg, ckpt, models, device):
         keys, ids = make_batch(enc, cfg.trials, w * W, W, rng, text, cfg.numbers, marked)
         held = memory_positions(model, ids.to(device)).tolist()
         out = model.generate(ids.to(device), 8, temperature=0)[0][:, ids.size(1):].tolist()
+        # per trial: the tokens of each statement of the key, and the other numbers' digits
         found, wrong = 0, []
         holds, others = [0] * c.n_layer, [0] * c.n_layer
         for b, key in enumerate(keys):
             pieces = [enc.decode([t]) for t in ids[b].tolist()]
             ends = list(itertools.accumulate(len(p) for p in pieces))
             said = [[i for i, e in enumerate(ends) if m.start() < e and e - len(pieces[i]) <
-                     m.end()] for m in re.finditer(str(key), "".join(pieces))]  # the key's
+                     m.end()] for m in re.finditer(str(key), "".join(pieces))]
             digits = {i for i, p in enumerate(pieces) if any(ch.isdigit() for ch in p)}
-            digits -= {i for tokens in said for i in tokens}  # tokens, as each time it is said
+            digits -= {i for tokens in said for i in tokens}
             for l in range(c.n_layer):
                 holds[l] += set(said[0]) <= set(held[b][l])  # its first statement
                 others[l] += len(digits & set(held[b][l]))

@@ -303,8 +303,8 @@ class Block(nn.Module):
         h = self.ln_1(x if not K else torch.cat([prev, x], dim=1))  # (B, <=K+1, C)
         if h.size(1) < K + 1:  # where fewer than K rows came before, zeros stand in
             h = F.pad(h, (0, 0, K + 1 - h.size(1), 0))
-        a, kv, new = self.attn.forward_one(h.view(B, -1), kv, bias)  # rows as (B, C): the
-        x = x.view(B, -1) + a  # products' shortest road
+        a, kv, new = self.attn.forward_one(h.view(B, -1), kv, bias)  # rows as (B, C) ...
+        x = x.view(B, -1) + a  # ... through the products: their shortest road
         fc, proj = self.mlp.c_fc, self.mlp.c_proj  # the MLP's products, without its dropout
         x = x + F.linear(F.gelu(F.linear(self.ln_2(x), fc.weight, fc.bias)), proj.weight,
                          proj.bias)
