@@ -344,9 +344,10 @@ class FoldGPTConfig:
     #                         is newer, so a key outlasts the lesser rows let in after it
     keep_shared: bool = False  # every layer's memory lets in (and ranks) the rows the last
     #                            layer's keep score picks, the score that has read the most
-    #                            context; False: each layer by its own score. With it, training
-    #                            runs window by window (the first layer's next memory waits for
-    #                            the last layer's scores): docs/retention.md, section 18
+    #                            context; False: each layer by its own score. With carry_kv,
+    #                            training runs in waves of windows up through every layer (the
+    #                            first layer's next memory waits for the last layer's scores):
+    #                            docs/retention.md, section 18
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -360,11 +361,10 @@ class FoldGPTConfig:
 
     def layer_by_layer(self):
         """Whether forward runs layer by layer (FoldGPT.run_layers): with carry_kv (REINFORCE
-        needs the windows' draws one by one, keep_shared the last layer's scores), where a
+        needs the windows' draws one by one), where a
         window's first tokens' token shift reads the tokens before them, not a memory row: at
         least token_shift recent rows. Sampling always runs window by window."""
         return bool(self.carry_kv and self.n_state > 0 and not self.admit_reinforce
-                    and not (self.keep_shared and self.n_mem)
                     and self.n_state - self.n_mem >= self.token_shift)
 
     def check(self):
@@ -430,6 +430,22 @@ class Window:
     logp: list = field(default_factory=list)  # admit_reinforce, per layer: (B,) log-probability
     #                                           of the fold's admissions, as drawn in training
     n: int = 0  # tokens in the window so far
+
+
+@dataclass
+class Lane:
+    """A layer in layer-by-layer training (FoldGPT.run_layers): its stream so far, in stream
+    order [carried rows ; tokens], as the waves of windows add to it."""
+    block: nn.Module  # the layer's Block
+    stream: torch.Tensor  # (B, S+t, C): the rows entering the layer
+    keys: torch.Tensor  # (B, S+t, C): their keys, not yet turned to a slot ...
+    values: torch.Tensor  # (B, S+t, C): ... and values, as made
+    up: bool  # keep_context below the last layer: the keep scores read the rows it makes
+    read: list  # the rows the keep scores read, in stream order, in parts
+    scored: int = 0  # how many of read's parts have been scored
+    score: torch.Tensor = None  # (B, rows scored): their keep scores
+    admitted: torch.Tensor = None  # (B, rows scored): which of them enter the memory if pushed out
+    held: list = None  # per window so far: which rows its memory holds, (B, M) stream indices
 
 
 class FoldGPT(nn.Module):
@@ -764,6 +780,10 @@ class FoldGPT(nn.Module):
     # batch of windows, and the stream goes up layer by layer instead of window by window: the
     # same sums (test_with_carry_kv_layer_by_layer_trains_as_window_by_window_does), in a few
     # large operations where window by window takes many small ones (docs/performance.md).
+    # Window w's memory holds rows that the folds before it pushed out, the last of them pushed
+    # out by window w - 1 - R/W. Where the scores that choose them are read from rows a layer
+    # makes (keep_context: a layer's outputs; keep_shared: the last layer's inputs), the
+    # windows run in waves of 1 + R/W, a wave once the scores its memories depend on are made.
 
     def layer_by_layer(self):
         """Whether forward runs layer by layer (FoldGPTConfig.layer_by_layer)."""
@@ -772,21 +792,32 @@ class FoldGPT(nn.Module):
     def run_layers(self, idx, rows, kv, targets, scores=False, grad_ckpt=False):
         """carry_kv: what run_windows returns for the windows of idx (B, n), layer by layer (the
         last window may be part full; it is not folded). grad_ckpt keeps only what enters each
-        layer, and backward runs the layer again."""
-        W, L = self.config.window, self.config.n_layer
+        layer's wave, and backward runs it again."""
+        W, L, M, S = self.config.window, self.config.n_layer, self.config.n_mem, self.config.n_state
         B, n = idx.shape
         windows, full = -(-n // W), n // W  # every window, and the full ones that fold
         x = self.transformer.drop(self.transformer.wte(F.pad(idx, (0, windows * W - n))))
-        run = self.layer_kept
-        if grad_ckpt and torch.is_grad_enabled():
-            run = partial(checkpoint, self.layer_kept, use_reentrant=False)
         kept = [self.own_kept(rows, l) for l in range(L)] if kv is None else kv.unbind(1)
-        after, keeps = [], []
-        for l, (block, layer) in enumerate(zip(self.transformer.h, rows.unbind(1))):
-            up = self.config.keep_context and l < L - 1  # the scores read this layer's outputs
-            x, rows_l, kv_l, keep = run(block, x, layer, kept[l], full, up)
-            after.append((rows_l, kv_l))
-            keeps.append(None if keep is None else keep[:, :n])
+        lanes = [self.lane(l, layer, kept[l]) for l, layer in enumerate(rows.unbind(1))]
+        shared = bool(self.config.keep_shared and M)  # the last layer's scores choose for all
+
+        def waves(size):  # (first, last + 1) of each wave of `size` windows
+            return [(a, min(a + size, windows)) for a in range(0, windows, size)]
+
+        joint = 1 + (S - M) // W  # windows a wave, where scores made by a layer choose
+        if shared:  # wave by wave, each up through every layer
+            outs = []
+            for a, b in waves(joint):
+                y = x[:, a * W:b * W]
+                for lane in lanes:
+                    y = self.lane_wave(lane, y, a, b, lanes[-1], grad_ckpt)
+                outs.append(y)
+            x = torch.cat(outs, dim=1) if outs else x
+        else:  # layer by layer, each layer's windows in its waves, its own scores choosing
+            for lane in lanes:
+                size = joint if M and lane.up else max(1, windows)
+                x = torch.cat([self.lane_wave(lane, x[:, a * W:b * W], a, b, lane, grad_ckpt)
+                               for a, b in waves(size)] or [x], dim=1)  # (B, windows*W, C)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, windows*W, V)
         if targets is None:
             outs = [logits[:, :n]]
@@ -795,69 +826,98 @@ class FoldGPT(nn.Module):
             outs = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                    ignore_index=-1, reduction="none").view(B, windows, W).sum(2)
             outs = list(outs.unbind(1))
-        if full:
-            rows, kv = (torch.stack(t, dim=1) for t in zip(*after))  # (B, L, S, C), State.kv's
-        return outs, [None] * windows, [torch.stack(keeps, dim=1)] if scores else [None], rows, kv
-
-    def layer_kept(self, block, x, layer, kept, full, up=False):
-        """Block l on every window at once: x (B, n, C), n a whole number of windows, the
-        layer's tokens in stream order; layer (B, S, C) and kept (B, S, 2C or 3C): its carried
-        rows and what they carry (see State.kv) before the first window. Returns the next
-        layer's tokens (B, n, C), the layer's rows and what they carry after the first `full`
-        windows (B, S, C), (B, S, 2C or 3C), and the tokens' keep scores (B, n) (no memory:
-        None). up (keep_context, below the last layer): the keep scores read the rows this layer
-        makes, so the windows run in waves, each of those whose memories are known by then."""
-        W, M, K, S = (self.config.window, self.config.n_mem, self.config.token_shift,
-                      self.config.n_state)
-        R, (B, n, C), attn = S - M, x.size(), block.attn
-        head_only = self.config.keep_head_only
-        q, k, v = attn.project(*block.norm(x, last_rows(layer, K)))  # (B, n, C) each
-        # The layer's rows in stream order, [memory ; recent ; tokens], their keys (not yet
-        # turned) and values: window w pushes rows M + wW .. M + wW + W - 1 out of the recent
-        # ones (see fold).
-        stream = torch.cat([layer, x], dim=1)  # (B, S+n, C)
-        keys = torch.cat([kept[..., :C], k], dim=1)
-        values = torch.cat([kept[..., C:2 * C], v], dim=1)
-        q = attn.turn_to(q, torch.arange(S, S + n, device=x.device))  # slots S.., plus wW
-        windows = n // W
-        # Window w's memory depends on the rows pushed out by the folds before it, the last of
-        # them made by window w - 1 - R // W: with the scores read from the rows themselves,
-        # every score is known now and every window runs at once; with up, a wave of windows
-        # runs when the scores of the rows its memories depend on have been made.
-        wave = 1 + R // W if up and M else windows
-        score, held = None, [x.new_zeros(B, 0, dtype=torch.long)] * (full + 1)  # no memory
+        keeps = None
         if M:
-            score = block.keep_score(kept[..., 2 * C:] if up else stream, head_only)  # (B, S(+n))
-            admitted, held = self.admitted(score.detach()), [torch.arange(M, device=x.device)
-                                                             .expand(B, M)]
-        outs = []
-        for a in range(0, windows, wave):
-            b = min(a + wave, windows)
-            while M and len(held) < b:  # the memory as windows a..b-1 open
-                held.append(self.fold_memory(held[-1], score.detach(), admitted, len(held) - 1))
-            y = self.read_windows(block, x[:, a * W:b * W], q[:, a * W:b * W], keys, values,
-                                  score, held[a:b], a)  # (B, (b-a)W, C)
-            outs.append(y)
-            if up and M:  # the keep scores of these windows' tokens, read from their outputs
-                s = block.keep_score(y, head_only)
-                score, admitted = torch.cat([score, s], 1), torch.cat([admitted,
-                                                                      self.admitted(s.detach())], 1)
-        x = torch.cat(outs, dim=1) if outs else x  # (B, n, C)
-        while M and len(held) < full + 1:  # the memory after the last full window's fold
-            held.append(self.fold_memory(held[-1], score.detach(), admitted, len(held) - 1))
-        scores = None if score is None else score[:, S:]
-        if not full:
-            return x, layer, kept, scores
-        stays = slice(M + full * W, S + full * W)  # the R rows recent after the last full window
+            for lane in lanes:
+                self.lane_scores(lane)  # the last wave's
+            self.lane_held(lanes[-1] if shared else None, lanes, full + 1)
+            keeps = torch.stack([lane.score[:, S:S + n] for lane in lanes], dim=1)  # (B, L, n)
+        if full:  # each layer's rows after the last fold, holding its memory's (B, M) rows
+            held = [(lanes[-1] if shared else lane).held[full] if M else idx.new_zeros(B, 0)
+                    for lane in lanes]
+            rows, kv = (torch.stack(t, dim=1) for t in zip(*[  # (B, L, S, C), State.kv's
+                self.lane_after(lane, h, full) for lane, h in zip(lanes, held)]))
+        return outs, [None] * windows, [keeps if scores else None], rows, kv
 
-        def after(t):  # (B, S+n, D) -> (B, S, D): the memory and recent rows after the windows
-            return torch.cat([t.gather(1, held[full][..., None].expand(-1, -1, t.size(-1))),
+    def lane(self, l, layer, kept):
+        """Layer l's Lane before the call's first window: its carried rows layer (B, S, C) and
+        what they carry, kept (B, S, 2C or 3C)."""
+        C, M, L, B = self.config.n_embd, self.config.n_mem, self.config.n_layer, layer.size(0)
+        up = self.config.keep_context and l < L - 1  # the scores read this layer's outputs
+        held = [torch.arange(M, device=layer.device).expand(B, M)]  # the carried memory rows
+        return Lane(self.transformer.h[l], layer, kept[..., :C], kept[..., C:2 * C], up,
+                    [kept[..., 2 * C:] if up else layer], held=held)
+
+    def lane_scores(self, lane):
+        """Score the rows of lane.read not scored yet, all at once, and draw which of them the
+        memory admits (see admitted)."""
+        if lane.scored < len(lane.read):
+            rows = torch.cat(lane.read[lane.scored:], dim=1)
+            s = lane.block.keep_score(rows, self.config.keep_head_only)  # (B, rows)
+            lane.score = s if lane.score is None else torch.cat([lane.score, s], dim=1)
+            drawn = self.admitted(s.detach())
+            lane.admitted = drawn if lane.admitted is None else torch.cat([lane.admitted, drawn],
+                                                                          dim=1)
+            lane.scored = len(lane.read)
+
+    def lane_held(self, chooser, lanes, windows):
+        """Fold the memories on until `windows` windows have what they hold; chooser: the lane
+        whose scores choose for every lane (keep_shared), or None: each lane its own."""
+        for lane in (lanes if chooser is None else [chooser]):
+            while len(lane.held) < windows:
+                lane.held.append(self.fold_memory(lane.held[-1], lane.score.detach(),
+                                                  lane.admitted, len(lane.held) - 1))
+
+    def lane_wave(self, lane, x, a, b, chooser, grad_ckpt=False):
+        """Windows a .. b-1 of a lane's layer: x (B, (b-a)W, C), their tokens entering it. Adds
+        them to the lane and returns the next layer's tokens; chooser: the lane whose keep
+        scores choose what the memories hold (the lane itself, or keep_shared's last layer)."""
+        M, K, B = self.config.n_mem, self.config.token_shift, x.size(0)
+        prev = last_rows(lane.stream, K)  # the rows before these, for token shift
+        lane.stream = torch.cat([lane.stream, x], dim=1)
+        if not lane.up:
+            lane.read.append(x)
+        held = [x.new_zeros(B, 0, dtype=torch.long)] * (b - a)  # no memory
+        if M:
+            self.lane_scores(lane)  # how strongly this layer reads its memory rows
+            self.lane_scores(chooser)
+            self.lane_held(chooser, [], b)
+            held = chooser.held[a:b]
+        run = self.layer_wave
+        if grad_ckpt and torch.is_grad_enabled():
+            run = partial(checkpoint, self.layer_wave, use_reentrant=False)
+        y, lane.keys, lane.values = run(lane.block, x, prev, lane.keys, lane.values, lane.score,
+                                        held, a)
+        if lane.up:
+            lane.read.append(y)
+        return y
+
+    def layer_wave(self, block, x, prev, keys, values, score, held, first):
+        """Block l on w windows from window `first` on, x (B, w*W, C) their tokens, after the
+        layer's stream so far: its last K rows prev, its keys (not yet turned) and values (B,
+        S+t, C), its keep scores score and the windows' memories held (see read_windows).
+        Returns the next layer's tokens (B, w*W, C), and the keys and values with theirs."""
+        S, W, attn = self.config.n_state, self.config.window, block.attn
+        q, k, v = attn.project(*block.norm(x, prev))  # (B, w*W, C) each
+        keys, values = torch.cat([keys, k], dim=1), torch.cat([values, v], dim=1)
+        start = S + first * W  # the tokens' slots: S.., plus first*W (see read_windows)
+        q = attn.turn_to(q, torch.arange(start, start + x.size(1), device=x.device))
+        return self.read_windows(block, x, q, keys, values, score, held, first), keys, values
+
+    def lane_after(self, lane, held, full):
+        """A lane's rows (B, S, C) and what they carry (see State.kv) after its first `full`
+        windows have folded, held (B, M) the memory's rows then."""
+        W, M, S = self.config.window, self.config.n_mem, self.config.n_state
+        stays = slice(M + full * W, S + full * W)  # the R rows recent after the last fold
+
+        def after(t):  # (B, S+n, D) -> (B, S, D): the memory and recent rows
+            return torch.cat([t.gather(1, held[..., None].expand(-1, -1, t.size(-1))),
                               t[:, stays]], dim=1)
 
-        carried = [keys, values]
+        carried = [lane.keys, lane.values]
         if self.config.keep_context:  # and the rows the keep scores read
-            carried.append(torch.cat([kept[..., 2 * C:], x], dim=1) if up else stream)
-        return x, after(stream), torch.cat([after(t) for t in carried], dim=-1), scores
+            carried.append(torch.cat(lane.read, dim=1))
+        return after(lane.stream), torch.cat([after(t) for t in carried], dim=-1)
 
     def read_windows(self, block, x, q, keys, values, score, held, first):
         """Block l's output (B, w*W, C) for w windows from window `first` on: their tokens x

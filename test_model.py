@@ -445,9 +445,13 @@ def test_grad_ckpt_gives_the_same_gradients(carried):
                                     dict(carry_kv=True, n_state=8, n_mem=0),
                                     KEPT_CONTEXT,  # waves of 3 windows: R = 2W
                                     dict(KEPT_CONTEXT, keep_rank=0.1, n_state=10),  # of 2: R = 6
-                                    dict(KEPT_CONTEXT, n_state=6, token_shift=2)],  # of 1
+                                    dict(KEPT_CONTEXT, n_state=6, token_shift=2),  # of 1
+                                    SHARED,  # joint waves of 3: the last layer picks for all
+                                    dict(SHARED, n_state=10, n_layer=3),  # of 2, 3 layers
+                                    dict(SHARED, keep_context=False)],  # its own rows' scores
                          ids=["kept", "kept+stay", "kept+ranked", "kept, R < W", "kept, no memory",
-                              "kept+context", "kept+context+ranked", "kept+context, R < W"])
+                              "kept+context", "kept+context+ranked", "kept+context, R < W",
+                              "shared", "shared, 3 layers", "shared, no context"])
 @pytest.mark.parametrize("grad_ckpt", [False, True], ids=["", "grad_ckpt"])
 def test_with_carry_kv_layer_by_layer_trains_as_window_by_window_does(config, grad_ckpt):
     """carry_kv runs every window of a call at once, layer by layer (run_layers): in training,
@@ -622,7 +626,7 @@ def test_with_keep_shared_every_layer_lets_in_what_the_last_layer_picks():
     for shared in (False, True):
         model = tiny(**{**SHARED, "keep_shared": shared})
         model.layer_by_layer = lambda: False  # both window by window: the folds in turn
-        assert model.config.layer_by_layer() == (not shared) and not model.layer_by_layer()
+        assert model.config.layer_by_layer() and not model.layer_by_layer()
         recorded, remember = [], model.remember_ranked
         model.remember_ranked = lambda mem, pushed, keep, *rest: (
             recorded.append(keep), remember(mem, pushed, keep, *rest))[1]

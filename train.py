@@ -63,7 +63,7 @@ class TrainConfig:
     keep_rank: float = 0.1  # a full memory lets go its lowest-ranked row (score + this per row
     #                         newer), not its oldest; 0: its oldest
     keep_shared: bool = False  # every layer's memory lets in what the last layer's score picks
-    #                            (training then runs window by window)
+    #                            (with carry_kv, training runs in joint waves of windows)
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # C: channels
