@@ -44,6 +44,8 @@ class PrepareConfig:
     seed: int = 1337  # passkeys: the seed of the random keys, gaps and haystacks
     prose: float = 0.0  # passkeys: share of documents hiding their keys in real prose with numbers
     unmarked: float = 0.0  # passkeys: share of documents in the passkey test's words (no '#')
+    bait: float = 0.0  # passkeys: share of the questions in prose that come right after a fact
+    #                    with a number in it (hard cases for the copy: it must pass over them)
     val_fraction: float = 0.1  # --input and shakespeare: share of the tokens, from the end, for val
     workers: int = 1  # processes that tokenize pieces side by side (the output is the same)
     piece_mb: float = 4.0  # --input: size of the pieces read and tokenized one at a time
@@ -170,11 +172,12 @@ def question(marked=True):
     return KEY_QUESTION if marked else LANDMARK_QUESTION
 
 
-def passkey_document(rng, max_gap, rounds, haystack, marked=True):
+def passkey_document(rng, max_gap, rounds, haystack, marked=True, bait=0.0):
     """(text, recall spans). Rounds of: haystack, a key stated and said again after haystack of
     0 to 47 characters (so the repeat is a look-back by content, not at a fixed distance),
     haystack of a log-uniform length, the question. The gaps run from inside one window to far
-    beyond it; half of them are under 64 characters. The recall spans are the (start, end) of
+    beyond it; half of them are under 64 characters. In prose with numbers, a `bait` share of
+    the questions come right after a fact (distractor). The recall spans are the (start, end) of
     each key's digits said again (the repeat and the answer), which only a model that remembers
     the key can predict."""
     parts, spans, n = [INTRO], [], len(INTRO)
@@ -192,6 +195,8 @@ def passkey_document(rng, max_gap, rounds, haystack, marked=True):
         statement = key_statement(key, haystack.take(rng.randrange(48)), marked)
         add(statement, recall=statement.rindex(key))  # the repeat: the last number in it
         add(haystack.take(int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))))
+        if bait and haystack.text is not None and haystack.numbers and rng.random() < bait:
+            add(distractor(rng))  # a number just before the question, for the copy to pass over
         asked = question(marked) + ("" if marked else " ")
         add(f"{asked}{key}.\n", recall=len(asked))
     return "".join(parts), spans
@@ -226,11 +231,12 @@ def token_sizes(enc):
                      for t in range(enc.n_vocab)])
 
 
-def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=0.0):
+def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=0.0, bait=0.0):
     """(text, spans) documents of 1 to 8 rounds until `size` characters: a function of its
     arguments alone. A prose_share of them hide their keys in real prose with numbers sown in
     (the carried prose's `part`), the others in the filler sentences; `unmarked` of them say
-    their keys in the passkey test's own words, the others with '#'."""
+    their keys in the passkey test's own words, the others with '#'; in prose, a `bait` share
+    of the questions come right after a fact with a number."""
     rng, docs, n = random.Random(seed), [], 0
     text = prose(part) if prose_share > 0 else None
     while n < size:
@@ -239,7 +245,8 @@ def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=
         haystack = Haystack(rng, text if real else None)
         rounds = rng.randint(1, 8)
         docs.append(passkey_document(rng, max_gap, rounds, haystack,
-                                     marked=unmarked == 0 or rng.random() >= unmarked))
+                                     marked=unmarked == 0 or rng.random() >= unmarked,
+                                     bait=bait))
         n += len(docs[-1][0])
     return docs
 
@@ -418,12 +425,13 @@ def prepare(cfg):
     elif cfg.dataset == "passkeys":
         if cfg.size < 1 or cfg.max_gap < 4:
             fail("--size must be >= 1 and --max_gap >= 4")
-        if not (0 <= cfg.prose <= 1 and 0 <= cfg.unmarked <= 1):
-            fail("--prose and --unmarked are shares of the documents: give numbers from 0 to 1")
+        if not (0 <= cfg.prose <= 1 and 0 <= cfg.unmarked <= 1 and 0 <= cfg.bait <= 1):
+            fail("--prose, --unmarked and --bait are shares: give numbers from 0 to 1")
         name = "passkeys"
         source = (f"built-in passkey corpus, size={cfg.size} max_gap={cfg.max_gap} "
-                  f"seed={cfg.seed} prose={cfg.prose} unmarked={cfg.unmarked}")
-        mix = dict(prose_share=cfg.prose, unmarked=cfg.unmarked)
+                  f"seed={cfg.seed} prose={cfg.prose} unmarked={cfg.unmarked}"
+                  + (f" bait={cfg.bait}" if cfg.bait else ""))
+        mix = dict(prose_share=cfg.prose, unmarked=cfg.unmarked, bait=cfg.bait)
         train_pieces = passkey_corpus(cfg.size, cfg.max_gap, cfg.seed, "train", **mix)
         val_pieces = passkey_corpus(cfg.size // 10, cfg.max_gap, cfg.seed + 1, "held-out", **mix)
     else:

@@ -122,6 +122,21 @@ def test_prose_documents_read_the_training_part_with_numbers_sown_in():
                      "".join(prose_docs))
 
 
+def test_bait_puts_a_fact_with_a_number_right_before_questions_in_prose():
+    """--bait: a share of the questions in prose come right after a fact with a number, which
+    the copy must pass over; filler documents stay as they were."""
+    def after_a_fact(bait, prose_share=1.0):  # of the questions, those right after a fact
+        text = "".join(d for d, _ in prepare_data.passkey_corpus(60_000, 1024, 5, "train",
+                                                                 prose_share, 1.0, bait))
+        return (len(re.findall(r"[^.]*\d[^.]*\. What is the pass key\?", text)),
+                text.count("What is the pass key?"))
+    (baited, questions), (plain, questions_plain) = after_a_fact(1.0), after_a_fact(0.0)
+    assert baited == questions > 30 and plain < questions_plain / 4
+    assert prepare_data.passkey_corpus(60_000, 1024, 5, "train", 0.0, 1.0, 1.0) == \
+        prepare_data.passkey_corpus(60_000, 1024, 5, "train", 0.0, 1.0)  # filler: no facts
+    assert after_a_fact(0.5, 0.75) != after_a_fact(0.0, 0.75)
+
+
 def test_a_haystack_sows_a_fact_every_60_to_180_characters_at_word_ends():
     import random
     text = prepare_data.prose("held-out")
@@ -385,6 +400,8 @@ BAD_INPUT = {
         "prepare_data.py", "--dataset=wiki", f"--out_dir={tmp}"], "unknown dataset 'wiki'"),
     "prose share above 1": (lambda tmp, data, out: [
         "prepare_data.py", "--prose=1.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
+    "bait below 0": (lambda tmp, data, out: [
+        "prepare_data.py", "--bait=-0.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "data missing": (lambda tmp, data, out: [
         "train.py", "--data_dir=no/such/dir", f"--out_dir={tmp}"], "python prepare_data.py"),
     "corpus too small": (lambda tmp, data, out: [
