@@ -46,6 +46,8 @@ class PrepareConfig:
     unmarked: float = 0.0  # passkeys: share of documents in the passkey test's words (no '#')
     bait: float = 0.0  # passkeys: share of the questions in prose that come right after a fact
     #                    with a number in it (hard cases for the copy: it must pass over them)
+    adjacent: float = 0.0  # passkeys: share of the questions right after their key's statement,
+    #                        nothing between (else at least 4 characters of haystack)
     val_fraction: float = 0.1  # --input and shakespeare: share of the tokens, from the end, for val
     workers: int = 1  # processes that tokenize pieces side by side (the output is the same)
     piece_mb: float = 4.0  # --input: size of the pieces read and tokenized one at a time
@@ -172,12 +174,13 @@ def question(marked=True):
     return KEY_QUESTION if marked else LANDMARK_QUESTION
 
 
-def passkey_document(rng, max_gap, rounds, haystack, marked=True, bait=0.0):
+def passkey_document(rng, max_gap, rounds, haystack, marked=True, bait=0.0, adjacent=0.0):
     """(text, recall spans). Rounds of: haystack, a key stated and said again after haystack of
     0 to 47 characters (so the repeat is a look-back by content, not at a fixed distance),
     haystack of a log-uniform length, the question. The gaps run from inside one window to far
-    beyond it; half of them are under 64 characters. In prose with numbers, a `bait` share of
-    the questions come right after a fact (distractor). The recall spans are the (start, end) of
+    beyond it; half of them are under 64 characters; an `adjacent` share of them are 0. In prose
+    with numbers, a `bait` share of the other questions come right after a fact (distractor).
+    The recall spans are the (start, end) of
     each key's digits said again (the repeat and the answer), which only a model that remembers
     the key can predict."""
     parts, spans, n = [INTRO], [], len(INTRO)
@@ -194,9 +197,10 @@ def passkey_document(rng, max_gap, rounds, haystack, marked=True, bait=0.0):
         add(haystack.take(rng.randrange(30)))
         statement = key_statement(key, haystack.take(rng.randrange(48)), marked)
         add(statement, recall=statement.rindex(key))  # the repeat: the last number in it
-        add(haystack.take(int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))))
-        if bait and haystack.text is not None and haystack.numbers and rng.random() < bait:
-            add(distractor(rng))  # a number just before the question, for the copy to pass over
+        if not adjacent or rng.random() >= adjacent:  # (a share of 0 draws nothing)
+            add(haystack.take(int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))))
+            if bait and haystack.text is not None and haystack.numbers and rng.random() < bait:
+                add(distractor(rng))  # a number just before the question, to pass over
         asked = question(marked) + ("" if marked else " ")
         add(f"{asked}{key}.\n", recall=len(asked))
     return "".join(parts), spans
@@ -231,12 +235,14 @@ def token_sizes(enc):
                      for t in range(enc.n_vocab)])
 
 
-def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=0.0, bait=0.0):
+def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=0.0, bait=0.0,
+                   adjacent=0.0):
     """(text, spans) documents of 1 to 8 rounds until `size` characters: a function of its
     arguments alone. A prose_share of them hide their keys in real prose with numbers sown in
     (the carried prose's `part`), the others in the filler sentences; `unmarked` of them say
-    their keys in the passkey test's own words, the others with '#'; in prose, a `bait` share
-    of the questions come right after a fact with a number."""
+    their keys in the passkey test's own words, the others with '#'; an `adjacent` share of
+    the questions come right after their key's statement, and in prose a `bait` share of the
+    others right after a fact with a number."""
     rng, docs, n = random.Random(seed), [], 0
     text = prose(part) if prose_share > 0 else None
     while n < size:
@@ -246,7 +252,7 @@ def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=
         rounds = rng.randint(1, 8)
         docs.append(passkey_document(rng, max_gap, rounds, haystack,
                                      marked=unmarked == 0 or rng.random() >= unmarked,
-                                     bait=bait))
+                                     bait=bait, adjacent=adjacent))
         n += len(docs[-1][0])
     return docs
 
@@ -425,13 +431,15 @@ def prepare(cfg):
     elif cfg.dataset == "passkeys":
         if cfg.size < 1 or cfg.max_gap < 4:
             fail("--size must be >= 1 and --max_gap >= 4")
-        if not (0 <= cfg.prose <= 1 and 0 <= cfg.unmarked <= 1 and 0 <= cfg.bait <= 1):
-            fail("--prose, --unmarked and --bait are shares: give numbers from 0 to 1")
+        if not all(0 <= v <= 1 for v in (cfg.prose, cfg.unmarked, cfg.bait, cfg.adjacent)):
+            fail("--prose, --unmarked, --bait and --adjacent are shares: give numbers from 0 to 1")
         name = "passkeys"
         source = (f"built-in passkey corpus, size={cfg.size} max_gap={cfg.max_gap} "
                   f"seed={cfg.seed} prose={cfg.prose} unmarked={cfg.unmarked}"
-                  + (f" bait={cfg.bait}" if cfg.bait else ""))
-        mix = dict(prose_share=cfg.prose, unmarked=cfg.unmarked, bait=cfg.bait)
+                  + (f" bait={cfg.bait}" if cfg.bait else "")
+                  + (f" adjacent={cfg.adjacent}" if cfg.adjacent else ""))
+        mix = dict(prose_share=cfg.prose, unmarked=cfg.unmarked, bait=cfg.bait,
+                   adjacent=cfg.adjacent)
         train_pieces = passkey_corpus(cfg.size, cfg.max_gap, cfg.seed, "train", **mix)
         val_pieces = passkey_corpus(cfg.size // 10, cfg.max_gap, cfg.seed + 1, "held-out", **mix)
     else:

@@ -137,6 +137,18 @@ def test_bait_puts_a_fact_with_a_number_right_before_questions_in_prose():
     assert after_a_fact(0.5, 0.75) != after_a_fact(0.0, 0.75)
 
 
+def test_adjacent_asks_a_share_of_the_keys_right_after_their_statement():
+    """--adjacent: a share of the questions come right after their key's statement, as the
+    eval's 0-window cell asks them; else at least 4 characters of haystack come between."""
+    def right_after(adjacent):
+        text = "".join(d for d, _ in prepare_data.passkey_corpus(60_000, 1024, 5, "train", 0.75,
+                                                                 1.0, 0.5, adjacent))
+        return (text.count("is the pass key. What is the pass key?"),
+                text.count("What is the pass key?"))
+    (every, questions), (none, _), (some, half) = (right_after(a) for a in (1.0, 0.0, 0.3))
+    assert every == questions > 30 and none == 0 and 0.15 < some / half < 0.45
+
+
 def test_a_haystack_sows_a_fact_every_60_to_180_characters_at_word_ends():
     import random
     text = prepare_data.prose("held-out")
