@@ -10,18 +10,17 @@ is learned), stage 2 from up to 1,024 back (where keeping is learned):
         --max_iters=2400 --learning_rate=2e-4                   # stage 2: 1,200 more steps
     python eval.py --out_dir=out-landmark-kv                    # held-out prose, Landmark's words
 
-Measured (50 trials, docs/retention.md, section 18): seeds 1337, 7 and 3 found the key 70-100%
-of the time from 0 to 64 windows of held-out prose, 68-74% at 128 and 82, 88 and 78% at 256;
-17 to 26 minutes a stage on one CPU thread. Without keep_shared (section 16: each layer's
-memory chosen by its own score) 62-100% to 64 windows and 34-40% at 256, in about 15 minutes a
-stage.
+Measured (50 trials, docs/retention.md, sections 18 and 19): seed 1337 found the key 78-100%
+of the time from 0 to 256 windows of held-out prose (seed 7: 62-96%), in 13.0 and 11.6
+minutes for the two stages on one CPU thread beside another run. Without keep_shared (section
+16: each layer's memory chosen by its own score) 62-100% to 64 windows and 34-40% at 256.
 """
 data_dir = "data/prose-near"
 out_dir = "out-landmark-kv"
 carry_kv = True  # keys and values carried as made, rows not evolved
 keep_context = True  # a row's keep score reads the row one layer up, which knows its window
 keep_shared = True  # every layer's memory lets in what the last layer's score picks (training
-#                     then runs window by window: about twice as long a step)
+#                     runs in joint waves of 3 windows up through every layer)
 bptt = 16  # 16 windows a step, 4 streams: the default's 2,048 tokens a step
 batch_size = 4
 # the memory: which rows it keeps, and how it learns to choose them (docs/design.md, Fold)
