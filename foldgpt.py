@@ -258,8 +258,6 @@ class Block(nn.Module):
             self.evolve = nn.Parameter(torch.zeros(()))
         if config.n_mem:  # the keep score: which rows enter the memory (see FoldGPT.admit)
             self.keep = nn.Linear(config.n_embd, 1, bias=True)
-            if config.mem_gain:  # and how strongly this layer reads its memory rows
-                self.mem_gain = nn.Parameter(torch.zeros(()))
         self.token_shift = config.token_shift
 
     def keep_score(self, x, head_only=False):
@@ -267,13 +265,6 @@ class Block(nn.Module):
         head_only: the gradient stops at the keep head (the rows and ln_1 are not its to shape)."""
         x = self.ln_1(x)
         return self.keep(x.detach() if head_only else x).squeeze(-1)
-
-    def memory_bias(self, score):
-        """What the attention adds to the logits of memory rows whose keep scores are score:
-        logsigmoid(score), a row read as strongly as it was scored to stay (at most 0), plus
-        with mem_gain the layer's learned gain."""
-        bias = F.logsigmoid(score)
-        return bias + self.mem_gain if hasattr(self, "mem_gain") else bias
 
     def norm(self, x, prev=None):
         """ln_1 of rows x (B, T, C), and with token shift ln_1 of the K rows before each of them
@@ -351,9 +342,6 @@ class FoldGPTConfig:
     keep_rank: float = 0.0  # 0: a full memory lets its oldest row go; > 0: its lowest-ranked,
     #                         a row's rank being its keep score plus keep_rank for each row it
     #                         is newer, so a key outlasts the lesser rows let in after it
-    mem_gain: bool = False  # memory rows are read with a learned gain added to their logits,
-    #                         one per layer (0 at first): logsigmoid(keep score) + gain, which
-    #                         can favour a kept row over a recent one; False: at most 0
     keep_shared: bool = False  # every layer's memory lets in (and ranks) the rows the last
     #                            layer's keep score picks, the score that has read the most
     #                            context; False: each layer by its own score. With carry_kv,
@@ -547,7 +535,7 @@ class FoldGPT(nn.Module):
                 evolved = block(mem)[0]  # (B, M, C), each reading the older memory rows
                 read = mem + block.evolve * (evolved - mem)
                 scored = read if context is None else context[:, l]  # (B, M, C)
-                bias = block.memory_bias(block.keep_score(scored, self.config.keep_head_only))
+                bias = F.logsigmoid(block.keep_score(scored, self.config.keep_head_only))  # (B, M)
                 if context is not None:
                     window.context.append(context[:, l])
             # The memory rows and the rows that make way only lend their keys and values; the
@@ -586,8 +574,8 @@ class FoldGPT(nn.Module):
             window.tail.append(last_rows(layer, K))
             window.mem.append(mem)
             scored = kept[:, :M, 2 * C:] if self.config.keep_context else mem  # (B, M, C)
-            window.bias.append(block.memory_bias(block.keep_score(
-                scored, self.config.keep_head_only)) if M else None)  # (B, M)
+            window.bias.append(F.logsigmoid(block.keep_score(scored, self.config.keep_head_only))
+                               if M else None)  # (B, M)
             window.recent.append(recent)
             window.inputs.append(layer[:, :0])  # (B, 0, C): no tokens yet
         return window
@@ -967,7 +955,7 @@ class FoldGPT(nn.Module):
         parts = [t.unflatten(-1, (nh, hs)) for t in parts]  # (..., nh, hs): heads
         q = attn.heads(q.reshape(B * w, W, C))  # (B*w, nh, W, hs)
         # memory rows are read as strongly as their keep scores say: (B, w, M)
-        bias = None if not M else block.memory_bias(score.gather(1, ids)).view(B, w, M)
+        bias = None if not M else F.logsigmoid(score.gather(1, ids)).view(B, w, M)
         channel = bias is not None and bias.requires_grad
         if channel:  # as in attend, the bias rides in a channel of its own (q.k gains
             # sqrt(hs) * bias), put in as the keys and values are put together, not after

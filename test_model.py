@@ -25,11 +25,10 @@ RANKED = dict(keep_rank=0.1, **CONTEXT)  # a full memory lets its lowest-ranked 
 KEPT_CONTEXT = dict(carry_kv=True, keep_context=True, token_shift=3, **STAY)
 ALL_MEMORY = dict(carry_kv=True, n_state=8, n_mem=8)  # no recent rows: runs window by window
 SHARED = dict(keep_shared=True, keep_rank=0.1, **KEPT_CONTEXT)  # the last layer picks for all
-GAIN = dict(mem_gain=True, **SHARED)  # memory rows read with a learned gain
 CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY), CONTEXT, RANKED,
-           KEPT_CONTEXT, ALL_MEMORY, SHARED, GAIN]
+           KEPT_CONTEXT, ALL_MEMORY, SHARED]
 IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay", "context", "ranked",
-       "kept+context", "kept, all memory", "shared", "shared+gain"]
+       "kept+context", "kept, all memory", "shared"]
 
 
 def tiny(**changes):
@@ -40,8 +39,6 @@ def tiny(**changes):
             block.evolve.data.fill_(0.5)  # 0 at init: make the tests see the carried rows evolve
         if model.config.n_mem:
             block.keep.bias.data.fill_(0.05)  # about half the rows enter the memory
-        if hasattr(block, "mem_gain"):
-            block.mem_gain.data.fill_(0.7)  # 0 at init: make the tests see it
     return model
 
 
@@ -451,11 +448,10 @@ def test_grad_ckpt_gives_the_same_gradients(carried):
                                     dict(KEPT_CONTEXT, n_state=6, token_shift=2),  # of 1
                                     SHARED,  # joint waves of 3: the last layer picks for all
                                     dict(SHARED, n_state=10, n_layer=3),  # of 2, 3 layers
-                                    dict(SHARED, keep_context=False),  # its own rows' scores
-                                    GAIN],  # memory read with a gain
+                                    dict(SHARED, keep_context=False)],  # its own rows' scores
                          ids=["kept", "kept+stay", "kept+ranked", "kept, R < W", "kept, no memory",
                               "kept+context", "kept+context+ranked", "kept+context, R < W",
-                              "shared", "shared, 3 layers", "shared, no context", "shared+gain"])
+                              "shared", "shared, 3 layers", "shared, no context"])
 @pytest.mark.parametrize("grad_ckpt", [False, True], ids=["", "grad_ckpt"])
 def test_with_carry_kv_layer_by_layer_trains_as_window_by_window_does(config, grad_ckpt):
     """carry_kv runs every window of a call at once, layer by layer (run_layers): in training,
@@ -640,23 +636,6 @@ def test_with_keep_shared_every_layer_lets_in_what_the_last_layer_picks():
     assert torch.equal(shared[:, 0], shared[:, 1])  # every layer lets in the same rows ...
     assert torch.equal(shared[0, 0], own[0, 1])  # ... those the last layer's score picks
     assert not torch.equal(own[:, 0], own[:, 1])  # on its own, the first layer picks others
-
-
-def test_with_mem_gain_memory_rows_are_read_with_a_learned_gain():
-    model = tiny(**KEPT, mem_gain=True).train()  # 6 memory rows, scored by the rows themselves
-    _, loss, state = model(tokens(12), None, tokens(12, seed=3))
-    loss.backward()
-    assert all(block.mem_gain.grad.abs() > 0 for block in model.transformer.h)  # it learns
-    with torch.no_grad():
-        window = model.eval().open_window(state.rows, 4, state.kv)
-        for l, block in enumerate(model.transformer.h):
-            plain = F.logsigmoid(block.keep_score(state.rows[:, l, :6]))  # at most 0
-            assert torch.allclose(window.bias[l], plain + 0.7)  # tiny's gain: raised by it
-        with_gain = model(tokens(8, seed=5), state)[0]
-        for block in model.transformer.h:
-            block.mem_gain.zero_()
-        assert not torch.allclose(with_gain, model(tokens(8, seed=5), state)[0], atol=1e-4)
-    assert not hasattr(tiny(**KEPT).transformer.h[0], "mem_gain")  # off: the model as before
 
 
 @torch.no_grad()

@@ -62,7 +62,6 @@ class TrainConfig:
     keep_margin: float = 0.0  # keep_supervise: marked scores above +this, the others below -this
     keep_rank: float = 0.1  # a full memory lets go its lowest-ranked row (score + this per row
     #                         newer), not its oldest; 0: its oldest
-    mem_gain: bool = False  # memory rows read with a learned gain per layer added to their logits
     keep_shared: bool = False  # every layer's memory lets in what the last layer's score picks
     #                            (with carry_kv, training runs in joint waves of windows)
     n_layer: int = 4  # L: blocks
