@@ -11,8 +11,8 @@ is learned), stage 2 from up to 1,024 back (where keeping is learned):
     python eval.py --out_dir=out-landmark-kv                    # held-out prose, Landmark's words
 
 Measured (50 trials, docs/retention.md, sections 18 and 19): seed 1337 found the key 78-100%
-of the time from 0 to 256 windows of held-out prose (seed 7: 62-96%), in 13.0 and 11.6
-minutes for the two stages on one CPU thread beside another run. Without keep_shared (section
+of the time from 0 to 256 windows of held-out prose (seeds 7 and 3: 62-96%, 74-100%), in 13.0
+and 11.6 minutes for the two stages on one CPU thread beside another run. Without keep_shared (section
 16: each layer's memory chosen by its own score) 62-100% to 64 windows and 34-40% at 256.
 """
 data_dir = "data/prose-near"
