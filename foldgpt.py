@@ -829,7 +829,7 @@ class FoldGPT(nn.Module):
         keeps = None
         if M:
             for lane in lanes:
-                self.lane_scores(lane)  # the last wave's
+                self.lane_scores(lane, grad_ckpt)  # the last wave's
             self.lane_held(lanes[-1] if shared else None, lanes, full + 1)
             keeps = torch.stack([lane.score[:, S:S + n] for lane in lanes], dim=1)  # (B, L, n)
         if full:  # each layer's rows after the last fold, holding its memory's (B, M) rows
@@ -848,12 +848,15 @@ class FoldGPT(nn.Module):
         return Lane(self.transformer.h[l], layer, kept[..., :C], kept[..., C:2 * C], up,
                     [kept[..., 2 * C:] if up else layer], held=held)
 
-    def lane_scores(self, lane):
+    def lane_scores(self, lane, grad_ckpt=False):
         """Score the rows of lane.read not scored yet, all at once, and draw which of them the
-        memory admits (see admitted)."""
+        memory admits (see admitted). grad_ckpt: backward scores them again."""
         if lane.scored < len(lane.read):
-            rows = torch.cat(lane.read[lane.scored:], dim=1)
-            s = lane.block.keep_score(rows, self.config.keep_head_only)  # (B, rows)
+            def score(*rows):  # (B, rows)
+                return lane.block.keep_score(torch.cat(rows, dim=1), self.config.keep_head_only)
+            if grad_ckpt and torch.is_grad_enabled():
+                score = partial(checkpoint, score, use_reentrant=False)
+            s = score(*lane.read[lane.scored:])
             lane.score = s if lane.score is None else torch.cat([lane.score, s], dim=1)
             drawn = self.admitted(s.detach())
             lane.admitted = drawn if lane.admitted is None else torch.cat([lane.admitted, drawn],
@@ -879,8 +882,8 @@ class FoldGPT(nn.Module):
             lane.read.append(x)
         held = [x.new_zeros(B, 0, dtype=torch.long)] * (b - a)  # no memory
         if M:
-            self.lane_scores(lane)  # how strongly this layer reads its memory rows
-            self.lane_scores(chooser)
+            self.lane_scores(lane, grad_ckpt)  # how strongly this layer reads its memory rows
+            self.lane_scores(chooser, grad_ckpt)
             self.lane_held(chooser, [], b)
             held = chooser.held[a:b]
         run = self.layer_wave
