@@ -800,6 +800,7 @@ class FoldGPT(nn.Module):
         kept = [self.own_kept(rows, l) for l in range(L)] if kv is None else kv.unbind(1)
         lanes = [self.lane(l, layer, kept[l]) for l, layer in enumerate(rows.unbind(1))]
         shared = bool(self.config.keep_shared and M)  # the last layer's scores choose for all
+        choosers = [lanes[-1] if shared else lane for lane in lanes]  # whose scores choose
 
         def waves(size):  # (first, last + 1) of each wave of `size` windows
             return [(a, min(a + size, windows)) for a in range(0, windows, size)]
@@ -809,8 +810,8 @@ class FoldGPT(nn.Module):
             outs = []
             for a, b in waves(joint):
                 y = x[:, a * W:b * W]
-                for lane in lanes:
-                    y = self.lane_wave(lane, y, a, b, lanes[-1], grad_ckpt)
+                for lane, chooser in zip(lanes, choosers):
+                    y = self.lane_wave(lane, y, a, b, chooser, grad_ckpt)
                 outs.append(y)
             x = torch.cat(outs, dim=1) if outs else x
         else:  # layer by layer, each layer's windows in its waves, its own scores choosing
@@ -828,13 +829,12 @@ class FoldGPT(nn.Module):
             outs = list(outs.unbind(1))
         keeps = None
         if M:
-            for lane in lanes:
+            for lane, chooser in zip(lanes, choosers):
                 self.lane_scores(lane, grad_ckpt)  # the last wave's
-            self.lane_held(lanes[-1] if shared else None, lanes, full + 1)
+                self.lane_held(chooser, full + 1)
             keeps = torch.stack([lane.score[:, S:S + n] for lane in lanes], dim=1)  # (B, L, n)
         if full:  # each layer's rows after the last fold, holding its memory's (B, M) rows
-            held = [(lanes[-1] if shared else lane).held[full] if M else idx.new_zeros(B, 0)
-                    for lane in lanes]
+            held = [chooser.held[full] if M else idx.new_zeros(B, 0) for chooser in choosers]
             rows, kv = (torch.stack(t, dim=1) for t in zip(*[  # (B, L, S, C), State.kv's
                 self.lane_after(lane, h, full) for lane, h in zip(lanes, held)]))
         return outs, [None] * windows, [keeps if scores else None], rows, kv
@@ -863,13 +863,12 @@ class FoldGPT(nn.Module):
                                                                           dim=1)
             lane.scored = len(lane.read)
 
-    def lane_held(self, chooser, lanes, windows):
-        """Fold the memories on until `windows` windows have what they hold; chooser: the lane
-        whose scores choose for every lane (keep_shared), or None: each lane its own."""
-        for lane in (lanes if chooser is None else [chooser]):
-            while len(lane.held) < windows:
-                lane.held.append(self.fold_memory(lane.held[-1], lane.score.detach(),
-                                                  lane.admitted, len(lane.held) - 1))
+    def lane_held(self, lane, windows):
+        """Fold a lane's memory on by its own scores until `windows` windows have what it
+        holds as they open."""
+        while len(lane.held) < windows:
+            lane.held.append(self.fold_memory(lane.held[-1], lane.score.detach(), lane.admitted,
+                                              len(lane.held) - 1))
 
     def lane_wave(self, lane, x, a, b, chooser, grad_ckpt=False):
         """Windows a .. b-1 of a lane's layer: x (B, (b-a)W, C), their tokens entering it. Adds
@@ -884,7 +883,7 @@ class FoldGPT(nn.Module):
         if M:
             self.lane_scores(lane, grad_ckpt)  # how strongly this layer reads its memory rows
             self.lane_scores(chooser, grad_ckpt)
-            self.lane_held(chooser, [], b)
+            self.lane_held(chooser, b)
             held = chooser.held[a:b]
         run = self.layer_wave
         if grad_ckpt and torch.is_grad_enabled():

@@ -180,9 +180,8 @@ def passkey_document(rng, max_gap, rounds, haystack, marked=True, bait=0.0, adja
     haystack of a log-uniform length, the question. The gaps run from inside one window to far
     beyond it; half of them are under 64 characters; an `adjacent` share of them are 0. In prose
     with numbers, a `bait` share of the other questions come right after a fact (distractor).
-    The recall spans are the (start, end) of
-    each key's digits said again (the repeat and the answer), which only a model that remembers
-    the key can predict."""
+    The recall spans are the (start, end) of each key's digits said again (the repeat and the
+    answer), which only a model that remembers the key can predict."""
     parts, spans, n = [INTRO], [], len(INTRO)
 
     def add(text, recall=None):  # recall: where in text the key said again starts
