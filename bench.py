@@ -110,14 +110,16 @@ def sampler(model, contender, prompt):
             window = model.open_window(model.initial_state(1).rows, model.config.window)
             for t in range(0, prompt.size(1), 512):
                 x_prompt = model.step(prompt[:, t:t + 512], window)
-        kv, inputs, n_prompt = list(window.kv), list(window.inputs), window.n
+        kv, inputs, tail = list(window.kv), list(window.inputs), list(window.tail)
+        n_prompt = window.n
 
         def run(n, timed=True):
-            window.kv, window.inputs, window.n = list(kv), list(inputs), n_prompt  # rewind
+            window.kv, window.inputs, window.tail = list(kv), list(inputs), list(tail)  # rewind
+            window.n, window.room = n_prompt, []
             x, stamps = x_prompt, []
             for _ in range(n):
                 tok = model.lm_head(x[:, -1]).argmax(dim=-1, keepdim=True)
-                x = model.step(tok, window)
+                x = model.step_one(tok, window)  # as generate samples
                 if timed:
                     stamps.append(time.perf_counter())
             return intervals(stamps)

@@ -168,31 +168,31 @@ class CausalSelfAttention(nn.Module):
             bias = F.pad(bias, (0, P + T - bias.size(1)))  # (B, P+T)
         return self.attend(q, k, v, mask, bias), (k, v), new[1:]
 
-    def forward_one(self, rows, kv, bias):
-        """forward for one new row after the P rows of kv, as sampling runs it: the same sums in
-        fewer operations, which is what a row's time is made of here. rows (B, (K+1)C): the
-        row and the K before it, ln_1'd, side by side in stream order (Block.forward_one); one
-        product makes the query, key and value (joined), and the query and key turn together.
-        Returns the output (B, C), kv with the row's k, v, and the row's k|v (B, 2C) unturned."""
-        weight, b = self.joined()
+    def forward_one(self, rows, room):
+        """forward for one new row, as sampling runs it: the same sums in fewer operations,
+        which is what a row's time is made of here. rows (B, (K+1)C): the row and the K before
+        it, ln_1'd, side by side in stream order (Block.forward_one); one product makes the
+        query, key and value (room.product, joined), and the query and key turn together. The
+        key and value go into the room at the row's slot P, and the query reads slots 0..P.
+        Returns the output (B, C) and the row's k|v (B, 2C) unturned."""
+        weight, b = room.product
         new = F.linear(rows, weight, b)  # (B, 3C)
-        B, C, P, nh = new.size(0), new.size(1) // 3, kv[0].size(2), self.n_head
+        B, C, nh, P = new.size(0), new.size(1) // 3, self.n_head, room.slot()
         # rotate's sums for the query's and key's heads at once, (B, 2nh, 1, hs), at slot P:
         # x * cos + [x2 ; x1] * [-sin ; sin], the halves swapped by a flip
         qk = new[:, :2 * C].view(B, 2 * nh, 2, -1)  # each head in its two halves
         turned = qk.flip(2).view(B, 2 * nh, 1, -1) * self.sin_row[P]
         q, k = torch.addcmul(turned, qk.view(B, 2 * nh, 1, -1), self.cos_row[P]).split(nh, 1)
-        k = torch.cat([kv[0], k], dim=2)  # (B, nh, P+1, hs)
-        v = torch.cat([kv[1], new[:, 2 * C:].view(B, nh, 1, -1)], dim=2)
-        if bias is not None:
-            bias = F.pad(bias, (0, P + 1 - bias.size(1)))  # (B, P+1)
+        room.k[:, :, P] = k[:, :, 0]  # (B, nh, hs)
+        room.v[:, :, P] = new[:, 2 * C:].view(B, nh, -1)
+        k, v = room.k[:, :, :P + 1], room.v[:, :, :P + 1]  # (B, nh, P+1, hs): views, no copy
+        bias = None if room.bias is None else room.bias[..., :P + 1]  # (B, 1, 1, P+1)
         if self.fast:  # attend's sum, with nothing to decide: one row reads every row
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else
-                                               bias.to(q.dtype)[:, None, None, :])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             y = F.linear(y.view(B, C), self.c_proj.weight, self.c_proj.bias)  # heads side by side
         else:
-            y = self.attend(q, k, v, None, bias).view(B, C)
-        return y, (k, v), new[:, C:]
+            y = self.attend(q, k, v, None, None if bias is None else bias[:, 0, 0]).view(B, C)
+        return y, new[:, C:]
 
     def attend(self, q, k, v, mask, bias=None, channel=False):
         """The sum itself: queries q (B, nh, N, hs) read keys and values k, v (B, nh, P, hs) as
@@ -287,28 +287,28 @@ class Block(nn.Module):
     def forward(self, x, kv=None, bias=None, prev=None, lend=0):
         """Rows x (B, T, C) after those in kv (the last K of them: prev) -> (B, T-lend, C), kv,
         and x's own k, v as the state keeps them, a tuple whose parts go side by side (see
-        CausalSelfAttention.forward). One row in eval mode, no gradient (sampling): forward_one."""
-        if x.size(1) == 1 and kv is not None and not (self.training or torch.is_grad_enabled()):
-            return self.forward_one(x, kv, bias, prev)
+        CausalSelfAttention.forward). Sampling's one row at a time: forward_one."""
         a, kv, new = self.attn(*self.norm(x, prev), kv, bias, lend)
         x = x.split([lend, x.size(1) - lend], dim=1)[1] + a  # the rows that read
         x = x + self.mlp(self.ln_2(x))
         return x, kv, new
 
-    def forward_one(self, x, kv, bias, prev):
-        """forward for one new row x (B, 1, C), as sampling runs it: the row and the K rows
-        before it go through ln_1 together, and side by side they are what the one product of
-        CausalSelfAttention.forward_one reads (norm's shifted copies are not needed)."""
-        K, B = self.token_shift, x.size(0)
-        h = self.ln_1(x if not K else torch.cat([prev, x], dim=1))  # (B, <=K+1, C)
-        if h.size(1) < K + 1:  # where fewer than K rows came before, zeros stand in
-            h = F.pad(h, (0, 0, K + 1 - h.size(1), 0))
-        a, kv, new = self.attn.forward_one(h.view(B, -1), kv, bias)  # rows as (B, C) ...
-        x = x.view(B, -1) + a  # ... through the products: their shortest road
+    def forward_one(self, x, room):
+        """forward for one new row x (B, C), as sampling runs it (FoldGPT.step_one): the row
+        goes into its layer's room; it and the K rows before it go through ln_1 together, and
+        side by side they are what the one product of CausalSelfAttention.forward_one reads
+        (norm's shifted copies are not needed). Returns the row out (B, C) and its k|v (B, 2C)."""
+        K, B, t = self.token_shift, x.size(0), room.t
+        room.rows[:, K + t] = x
+        h = self.ln_1(room.rows[:, t:K + t + 1])  # (B, K+1, C)
+        if room.short > t:  # where fewer than K rows came before, zeros stand in
+            h[:, :room.short - t] = 0
+        a, made = self.attn.forward_one(h.view(B, -1), room)  # rows as (B, C) ...
+        x = x + a  # ... through the products: their shortest road
         fc, proj = self.mlp.c_fc, self.mlp.c_proj  # the MLP's products, without its dropout
         x = x + F.linear(F.gelu(F.linear(self.ln_2(x), fc.weight, fc.bias)), proj.weight,
                          proj.bias)
-        return x[:, None], kv, (new[:, None],)  # (B, 1, C); k|v side by side (B, 1, 2C)
+        return x, made
 
 
 @dataclass
@@ -429,7 +429,43 @@ class Window:
     #                                              rows' rows one layer up, their keep scores' input
     logp: list = field(default_factory=list)  # admit_reinforce, per layer: (B,) log-probability
     #                                           of the fold's admissions, as drawn in training
+    room: list = field(default_factory=list)  # sampling, per layer: a Room (step_one)
     n: int = 0  # tokens in the window so far
+
+    def settle(self):
+        """Put what sampling wrote into the rooms (step_one) where step and fold read it: each
+        layer's inputs, tail, k|v made and KV cache, as step would have left them."""
+        for l, room in enumerate(self.room):
+            K, t = room.rows.size(1) - room.left, room.t  # the room's first K rows came before
+            self.inputs[l] = torch.cat([self.inputs[l], room.rows[:, K:K + t]], dim=1)
+            self.tail[l] = room.rows[:, max(room.short, t):K + t]  # the last K that came
+            if room.made is not None:
+                self.made[l] = torch.cat([self.made[l], room.made[:, :t]], dim=1)
+            self.kv[l] = room.k[:, :, :room.slot()], room.v[:, :, :room.slot()]
+        self.room = []
+
+
+@dataclass
+class Room:
+    """Sampling's room for one layer of a window: made at the window's first one-token step
+    (FoldGPT.step_one), as large as the window can grow, so each token writes its own row, key
+    and value in, where torch.cat would copy every row before them again."""
+    rows: torch.Tensor  # (B, K + left, C): the K rows before the room's first token, then its
+    #                     tokens' rows (the first `short` of the K are zeros: no row came there)
+    k: torch.Tensor  # (B, nh, P + left, hs): the keys the tokens read, slot by slot, turned
+    v: torch.Tensor  # (B, nh, P + left, hs): and their values
+    made: torch.Tensor  # carry_kv: (B, left, 2C or 3C) each token's k|v, as Window.made; or None
+    bias: torch.Tensor  # (B, 1, 1, P + left): what each slot's logit gains (the memory rows'
+    #                     logsigmoid keep score, 0 elsewhere), or None
+    product: tuple  # the layer's joined projection (CausalSelfAttention.joined)
+    P: int  # slots filled when the room was made
+    short: int  # of the K rows before the first token, how many never came (a stream's start)
+    left: int  # tokens the window has room for
+    t: int = 0  # tokens written so far
+
+    def slot(self):
+        """The next token's slot."""
+        return self.P + self.t
 
 
 @dataclass
@@ -613,6 +649,7 @@ class FoldGPT(nn.Module):
     def step(self, idx, window):
         """Run the next tokens idx (B, T) of the window; returns their final states (B, T, C)."""
         L, K = self.config.n_layer, self.config.token_shift
+        window.settle()  # what sampling wrote one token at a time (step_one), if anything
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         for l, block in enumerate(self.transformer.h):
             inputs = window.inputs[l] = torch.cat([window.inputs[l], x], dim=1)  # (B, n+T, C)
@@ -628,11 +665,53 @@ class FoldGPT(nn.Module):
         window.n += idx.size(1)
         return self.transformer.ln_f(x)
 
+    def step_one(self, idx, window):
+        """step for one token idx (B, 1) as sampling runs it, in eval mode without gradients:
+        the same sums, each layer's row, key and value written into room made once per window
+        (make_room) instead of concatenated to the rows before them, and one row through each
+        block's shortest road (Block.forward_one). Returns the token's final state (B, 1, C)."""
+        if not window.room:
+            self.make_room(window)
+        L = self.config.n_layer
+        x = self.transformer.wte(idx[:, 0])  # (B, C); eval mode: no dropout
+        for l, (block, room) in enumerate(zip(self.transformer.h, window.room)):
+            row, (x, made) = x, block.forward_one(x, room)
+            if room.made is not None:  # carry_kv: the token's k|v go into the state at the fold
+                if self.config.keep_context:  # ... with the row its keep score reads
+                    made = torch.cat([made, x if l < L - 1 else row], dim=-1)
+                room.made[:, room.t] = made
+            room.t += 1
+        window.n += 1
+        return self.transformer.ln_f(x)[:, None]
+
+    def make_room(self, window):
+        """Each layer's Room for the rest of the window (step_one), holding what the window's
+        tokens read so far: its KV cache, the K rows before the next token, the memory's bias."""
+        K = self.config.token_shift
+        left = self.config.window - window.n  # tokens still to come in this window
+        for l, block in enumerate(self.transformer.h):
+            kv, tail, bias = window.kv[l], window.tail[l], window.bias[l]
+            B, C, nh = tail.size(0), tail.size(2), block.attn.n_head
+            P = 0 if kv is None else kv[0].size(2)
+            k, v = tail.new_empty(2, B, nh, P + left, C // nh).unbind(0)
+            if kv is not None:
+                k[:, :, :P], v[:, :, :P] = kv
+            rows = tail.new_zeros(B, K + left, C)
+            rows[:, K - tail.size(1):K] = tail
+            if bias is not None:  # (B, M) -> (B, 1, 1, P + left): the first M slots' logits
+                bias = F.pad(bias, (0, P + left - bias.size(1))).to(k.dtype)[:, None, None]
+            made = None  # carry_kv: room for the tokens' k|v, as window.made has them
+            if window.kept:
+                made = window.made[l].new_empty(B, left, window.made[l].size(2))
+            window.room.append(Room(rows, k, v, made, bias, block.attn.joined(), P,
+                                    short=K - tail.size(1), left=left))
+
     def fold(self, window):
         """The next rows (B, L, S, C), and with carry_kv their k|v (B, L, S, 2C; with keep_context
         too 3C, see State.kv), with keep_context alone the memory rows' rows one layer up
         (B, L, M, C), else None: per layer, the last R of [recent rows ; tokens at layer l] stay
         recent; those pushed out enter the memory if admit lets them (see remember)."""
+        window.settle()  # what sampling wrote into the rooms, if anything (step_one)
         C, M, L = self.config.n_embd, self.config.n_mem, self.config.n_layer
         R = self.config.n_state - M
         layers = [torch.cat([recent, inputs], dim=1)  # per layer (B, R+W, C), the same positions
@@ -1041,6 +1120,7 @@ class FoldGPT(nn.Module):
         it when they are pushed out (of the row itself, or with keep_context one layer up). With
         keep_head_only their gradient too stops at the keep heads."""
         L, up = self.config.n_layer, self.config.keep_context
+        window.settle()
         return torch.stack([block.keep_score(window.inputs[min(l + 1, L - 1) if up else l],
                                              self.config.keep_head_only)
                             for l, block in enumerate(self.transformer.h)], dim=1)
@@ -1117,6 +1197,6 @@ class FoldGPT(nn.Module):
                 (rows, kv), last = self.fold(window), last + W
                 window = self.open_window(rows, W, kv)
             if i < max_new_tokens - 1:
-                x = self.step(tok, window)  # one row through every layer, reading the KV cache
+                x = self.step_one(tok, window)  # one row through every layer, into the room
         self.train(training)
         return out[:, r:], State(rows, out[:, last:], kv)

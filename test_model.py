@@ -55,14 +55,15 @@ def random_state(model, batch=2, seed=4):
 
 
 def logits_token_by_token(model, idx):
-    """The sampling path: one token at a time through the window's KV cache, folding when full."""
+    """The sampling path: one token at a time into the window's room (step_one), folding when
+    full."""
     W = model.config.window
     window, out = model.open_window(model.initial_state(idx.size(0)).rows, W), []
     for t in range(idx.size(1)):
         if window.n == W:
             rows, kv = model.fold(window)
             window = model.open_window(rows, W, kv)
-        out.append(model.lm_head(model.step(idx[:, t:t + 1], window)))
+        out.append(model.lm_head(model.step_one(idx[:, t:t + 1], window)))
     return torch.cat(out, dim=1)
 
 
@@ -98,6 +99,41 @@ def test_streaming_equivalence_one_call_windows_and_tokens(config):
     if state.kv is not None:
         assert torch.allclose(state_whole.kv, state.kv, atol=1e-5)
     assert torch.allclose(whole, logits_token_by_token(model, idx), atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("config", [*CONFIGS, dict(n_state=0), dict(n_state=0, bias=True)],
+                         ids=[*IDS, "S0", "S0 biases"])
+def test_tokens_sampled_into_the_room_read_on_as_step_would_have_left_them(config):
+    """step_one writes each token into room made once per window; step, the keep scores and
+    the fold after it read the window as if step had run those tokens (Window.settle). With
+    biases, ln_1 of a zero row is not zero: where no row came before a token (a stream's
+    start, n_state 0), zeros must stand in after ln_1, as Block.norm has them."""
+    model = tiny(**config)
+    for name, p in model.named_parameters():
+        if name.endswith("ln_1.bias"):
+            p.normal_()
+    idx = tokens(16)  # 4 windows of 4
+    whole, _, end = model(idx)
+    W, out, t = model.config.window, [], 0
+    rows, kv = model.initial_state(2).rows, None
+    # per window, how its tokens come, one at a time: 1 by step_one, or by step
+    for ways in [["step", 1, 1, "step"], [1, 1, "step", "step"], [1, "step", 1, 1], [1] * 4]:
+        window, whole_window = model.open_window(rows, W, kv), model.open_window(rows, W, kv)
+        model.step(idx[:, t:t + W], whole_window)
+        for way in ways:
+            out.append(model.lm_head(model.step_one(idx[:, t:t + 1], window) if way == 1
+                                     else model.step(idx[:, t:t + 1], window)))
+            t += 1
+        if model.config.n_mem:  # the keep scores of the tokens, as the fold will see them
+            assert torch.allclose(model.token_keep_scores(window),
+                                  model.token_keep_scores(whole_window), atol=1e-5)
+        rows, kv = model.fold(window)
+    assert torch.allclose(torch.cat(out, dim=1), whole, atol=1e-5)
+    assert torch.allclose(rows, end.rows, atol=1e-5)
+    assert (kv is None) == (end.kv is None)
+    if kv is not None:
+        assert torch.allclose(kv, end.kv, atol=1e-5)
 
 
 @torch.no_grad()
