@@ -128,29 +128,26 @@ def sampler(model, contender, prompt):
 
 def sampling_latency(cfg, positions, repeats):
     """{contender: {position: median over repeats of the mean ms per token}}. Each prompt is read
-    once; every repeat visits all positions in turn, FoldGPT and the crop sampler one after the
-    other, so a change in the load of this shared machine reaches both alike (their ratio is a
-    target). The KV cache runs after them, alone: measured side by side, its large tensors
-    slowed the contender timed after them."""
+    once; every repeat visits all positions in turn, the three contenders one after the other,
+    so a change in the load of this shared machine reaches them alike (two of their ratios are
+    targets). (Until the KV cache wrote into room made once, session 24, its large tensors made
+    again every token slowed the contender timed after it, and it ran alone.)"""
     n = 2 * cfg.window + 1  # 2W intervals per repeat: two folds for FoldGPT
     device = pick_device(cfg.device)
     prompts = {p: torch.randint(0, cfg.vocab_size, (1, p), device=device) for p in positions}
-    table = {}
-    for group in (("FoldGPT", "crop"), ("kv cache",)):
-        runs = {}
-        for c in group:
-            model = model_for(cfg, c, max(positions) + n + 1).eval()
-            runs[c] = {p: sampler(model, c, prompt) for p, prompt in prompts.items()}
-            for run in runs[c].values():
-                run(8)  # warm-up
-        means = {c: {p: [] for p in positions} for c in group}
-        for _ in range(repeats):
-            for p in positions:
-                for c in group:
-                    means[c][p].append(statistics.mean(runs[c][p](n)))
-        for c in group:
-            table[c] = {p: 1000 * statistics.median(means[c][p]) for p in positions}
-        del model, runs  # free the KV cache's tensors before anything else runs
+    contenders, runs = ("FoldGPT", "crop", "kv cache"), {}
+    for c in contenders:
+        model = model_for(cfg, c, max(positions) + n + 1).eval()
+        runs[c] = {p: sampler(model, c, prompt) for p, prompt in prompts.items()}
+        for run in runs[c].values():
+            run(8)  # warm-up
+    means = {c: {p: [] for p in positions} for c in contenders}
+    for _ in range(repeats):
+        for p in positions:
+            for c in contenders:
+                means[c][p].append(statistics.mean(runs[c][p](n)))
+    table = {c: {p: 1000 * statistics.median(means[c][p]) for p in positions} for c in contenders}
+    del model, runs  # free the KV cache's tensors before anything else runs
     for p in positions:
         print(f"  position {p:6,}: " + "  ".join(f"{c} {table[c][p]:.2f} ms" for c in table))
     return table
