@@ -27,7 +27,8 @@ haystack before it, so it falls at every offset inside a window. The columns:
   FoldGPT       the checkpoint in --out_dir, carrying its state
   state off     the same checkpoint with its state reset to the initial state at every window
   GPT block N   each checkpoint in --baseline_dir trained with n_state=0: a plain GPT that
-                reads the last N tokens (crop and recompute, as nanoGPT samples)
+                reads the last N tokens (crop and recompute, as nanoGPT samples); a second
+                one of the same block has its path after the name
 Writes a table to stdout, eval.csv, and eval.png when matplotlib is installed. For a model
 with a memory it first shows which tokens of one prompt its memory lets in.
 
@@ -295,13 +296,19 @@ def load_models(cfg, device):
     ckpt, model = load_checkpoint(cfg.out_dir, device)
     models = {"FoldGPT": model.eval(), "state off": state_off(load_checkpoint(
         cfg.out_dir, device)[1].eval())}
-    for path in filter(None, cfg.baseline_dir.split(",")):
+    paths = [p for p in cfg.baseline_dir.split(",") if p]
+    twice = [p for p in paths if paths.count(p) > 1]
+    if twice:
+        fail(f"{twice[0]} is given twice in --baseline_dir: name each checkpoint once")
+    for path in paths:
         base_ckpt, base = load_checkpoint(path, device)
         if base_ckpt["meta"]["tokenizer"] != ckpt["meta"]["tokenizer"]:
             fail(f"{path} uses another tokenizer than {cfg.out_dir}: train the baseline on the "
                  "same data")
         c = base.config
         name = f"GPT block {c.window}" if c.n_state == 0 else f"{path} S={c.n_state}"
+        if name in models:  # two of one kind: each column says which checkpoint it is
+            name = f"{name} ({path})"
         models[name] = Cropped(base.eval()) if c.n_state == 0 else base.eval()
     return ckpt, models
 

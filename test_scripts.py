@@ -936,6 +936,30 @@ def test_eval_runs_both_tasks_on_a_checkpoint(trained, tmp_path):
     assert [m and m.group(1) for m in layers] == ["0", "1"]  # a line per layer
 
 
+def test_eval_gives_two_baselines_of_one_block_a_column_each(trained, tmp_path):
+    import eval as passkey
+    _, out, _ = trained
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    dirs = []
+    for i in (1, 2):  # two plain GPTs of block 4, with other weights
+        plain = tiny(n_state=0, vocab_size=ckpt["model_args"]["vocab_size"])
+        with torch.no_grad():
+            plain.lm_head.weight.add_(i)
+        d = tmp_path / f"plain{i}"
+        d.mkdir()
+        torch.save(dict(ckpt, model_args=vars(plain.config), model=plain.state_dict()),
+                   d / "ckpt.pt")
+        dirs.append(str(d))
+    cfg = configure(passkey.EvalConfig(), [f"--out_dir={out}", f"--baseline_dir={','.join(dirs)}"])
+    _, models = passkey.load_models(cfg, "cpu")
+    assert list(models) == ["FoldGPT", "state off", "GPT block 4", f"GPT block 4 ({dirs[1]})"]
+    assert not torch.equal(models["GPT block 4"].model.lm_head.weight,
+                           models[f"GPT block 4 ({dirs[1]})"].model.lm_head.weight)
+    twice = run("eval.py", f"--out_dir={out}", f"--baseline_dir={dirs[0]},{dirs[0]}")
+    assert twice.returncode != 0 and "given twice in --baseline_dir" in twice.stderr
+    assert "Traceback" not in twice.stderr
+
+
 def test_eval_scores_the_exact_key_only():
     import eval as passkey
     assert passkey.score("12345.\n", 12345) == 1 and passkey.score(" 12345", 12345) == 1
