@@ -315,7 +315,7 @@ def main(cfg):
           f"{'quick' if quick else 'full'} run\n")
 
     print(f"sampling, batch 1: mean ms per token over {2 * cfg.window} tokens at each position, "
-          f"median of {repeats} repeats (FoldGPT and the crop sampler in turn)")
+          f"median of {repeats} repeats (the three in turn)")
     lat = sampling_latency(cfg, positions, repeats)
     for c, by_pos in lat.items():
         rows += [("sampling ms/token", c, f"position {p}", round(v, 4)) for p, v in by_pos.items()]

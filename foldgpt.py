@@ -172,24 +172,24 @@ class CausalSelfAttention(nn.Module):
         """forward for one new row, as sampling runs it: the same sums in fewer operations,
         which is what a row's time is made of here. rows (B, (K+1)C): the row and the K before
         it, ln_1'd, side by side in stream order (Block.forward_one); one product makes the
-        query, key and value (room.product, joined), and the query and key turn together. The
+        query, key and value (the weights' qkv, joined), and the query and key turn together. The
         key and value go into the room at the row's slot P, and the query reads slots 0..P.
         Returns the output (B, C) and the row's k|v (B, 2C) unturned."""
-        weight, b = room.product
-        new = F.linear(rows, weight, b)  # (B, 3C)
+        w = room.weights  # the layer's tensors (Block.weights_one)
+        new = F.linear(rows, *w["qkv"])  # (B, 3C)
         B, C, nh, P = new.size(0), new.size(1) // 3, self.n_head, room.slot()
         # rotate's sums for the query's and key's heads at once, (B, 2nh, 1, hs), at slot P:
         # x * cos + [x2 ; x1] * [-sin ; sin], the halves swapped by a flip
         qk = new[:, :2 * C].view(B, 2 * nh, 2, -1)  # each head in its two halves
-        turned = qk.flip(2).view(B, 2 * nh, 1, -1) * self.sin_row[P]
-        q, k = torch.addcmul(turned, qk.view(B, 2 * nh, 1, -1), self.cos_row[P]).split(nh, 1)
+        turned = qk.flip(2).view(B, 2 * nh, 1, -1) * w["sin"][P]
+        q, k = torch.addcmul(turned, qk.view(B, 2 * nh, 1, -1), w["cos"][P]).split(nh, 1)
         room.k[:, :, P] = k[:, :, 0]  # (B, nh, hs)
         room.v[:, :, P] = new[:, 2 * C:].view(B, nh, -1)
         k, v = room.k[:, :, :P + 1], room.v[:, :, :P + 1]  # (B, nh, P+1, hs): views, no copy
         bias = None if room.bias is None else room.bias[..., :P + 1]  # (B, 1, 1, P+1)
         if self.fast:  # attend's sum, with nothing to decide: one row reads every row
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            y = F.linear(y.view(B, C), self.c_proj.weight, self.c_proj.bias)  # heads side by side
+            y = F.linear(y.view(B, C), *w["proj"])  # heads side by side
         else:
             y = self.attend(q, k, v, None, None if bias is None else bias[:, 0, 0]).view(B, C)
         return y, new[:, C:]
@@ -298,17 +298,25 @@ class Block(nn.Module):
         goes into its layer's room; it and the K rows before it go through ln_1 together, and
         side by side they are what the one product of CausalSelfAttention.forward_one reads
         (norm's shifted copies are not needed). Returns the row out (B, C) and its k|v (B, 2C)."""
-        K, B, t = self.token_shift, x.size(0), room.t
+        K, (B, C), t, w = self.token_shift, x.size(), room.t, room.weights
         room.rows[:, K + t] = x
-        h = self.ln_1(room.rows[:, t:K + t + 1])  # (B, K+1, C)
+        h = F.layer_norm(room.rows[:, t:K + t + 1], (C,), *w["ln_1"])  # (B, K+1, C)
         if room.short > t:  # where fewer than K rows came before, zeros stand in
             h[:, :room.short - t] = 0
         a, made = self.attn.forward_one(h.view(B, -1), room)  # rows as (B, C) ...
         x = x + a  # ... through the products: their shortest road
-        fc, proj = self.mlp.c_fc, self.mlp.c_proj  # the MLP's products, without its dropout
-        x = x + F.linear(F.gelu(F.linear(self.ln_2(x), fc.weight, fc.bias)), proj.weight,
-                         proj.bias)
-        return x, made
+        h = F.gelu(F.linear(F.layer_norm(x, (C,), *w["ln_2"]), *w["fc"]))  # the MLP, no dropout
+        return x + F.linear(h, *w["mlp_proj"]), made
+
+    def weights_one(self):
+        """The tensors forward_one reads, looked up once a window (FoldGPT.make_room): a
+        module's attribute costs about a microsecond to look up, and a sampled token's time is
+        mostly such costs. The same weights: a training step changes them in place."""
+        attn, mlp = self.attn, self.mlp
+        return dict(ln_1=(self.ln_1.weight, self.ln_1.bias), qkv=attn.joined(),
+                    sin=attn.sin_row, cos=attn.cos_row, proj=(attn.c_proj.weight, attn.c_proj.bias),
+                    ln_2=(self.ln_2.weight, self.ln_2.bias), fc=(mlp.c_fc.weight, mlp.c_fc.bias),
+                    mlp_proj=(mlp.c_proj.weight, mlp.c_proj.bias))
 
 
 @dataclass
@@ -457,7 +465,7 @@ class Room:
     made: torch.Tensor  # carry_kv: (B, left, 2C or 3C) each token's k|v, as Window.made; or None
     bias: torch.Tensor  # (B, 1, 1, P + left): what each slot's logit gains (the memory rows'
     #                     logsigmoid keep score, 0 elsewhere), or None
-    product: tuple  # the layer's joined projection (CausalSelfAttention.joined)
+    weights: dict  # the layer's tensors that forward_one reads (Block.weights_one)
     P: int  # slots filled when the room was made
     short: int  # of the K rows before the first token, how many never came (a stream's start)
     left: int  # tokens the window has room for
@@ -703,7 +711,7 @@ class FoldGPT(nn.Module):
             made = None  # carry_kv: room for the tokens' k|v, as window.made has them
             if window.kept:
                 made = window.made[l].new_empty(B, left, window.made[l].size(2))
-            window.room.append(Room(rows, k, v, made, bias, block.attn.joined(), P,
+            window.room.append(Room(rows, k, v, made, bias, block.weights_one(), P,
                                     short=K - tail.size(1), left=left))
 
     def fold(self, window):
