@@ -311,8 +311,8 @@ class Block(nn.Module):
 
     def weights_one(self):
         """The tensors forward_one reads, looked up once a window (FoldGPT.make_room): a
-        module's attribute costs about a microsecond to look up, and a sampled token's time is
-        mostly such costs. The same weights: a training step changes them in place."""
+        module's attribute costs about a microsecond to look up, and much of a sampled token's
+        time is such costs. The same weights: a training step changes them in place."""
         attn, mlp = self.attn, self.mlp
         return dict(ln_1=(self.ln_1.weight, self.ln_1.bias), qkv=attn.joined(),
                     sin=attn.sin_row, cos=attn.cos_row, proj=(attn.c_proj.weight, attn.c_proj.bias),
@@ -678,7 +678,10 @@ class FoldGPT(nn.Module):
         """step for one token idx (B, 1) as sampling runs it, in eval mode without gradients:
         the same sums, each layer's row, key and value written into room made once per window
         (make_room) instead of concatenated to the rows before them, and one row through each
-        block's shortest road (Block.forward_one). Returns the token's final state (B, 1, C)."""
+        block's shortest road (Block.forward_one). Returns the token's final state (B, 1, C).
+        In training mode or with gradients on it is step: the rooms are written in place."""
+        if self.training or torch.is_grad_enabled():
+            return self.step(idx, window)
         if not window.room:
             self.make_room(window)
         L = self.config.n_layer

@@ -136,6 +136,18 @@ def test_tokens_sampled_into_the_room_read_on_as_step_would_have_left_them(confi
         assert torch.allclose(kv, end.kv, atol=1e-5)
 
 
+def test_step_one_with_gradients_on_is_step_and_passes_them():
+    model = tiny(**MEMORY)
+    idx, W = tokens(2), model.config.window
+    rows = model.initial_state(2).rows
+    one, ref = model.open_window(rows, W), model.open_window(rows, W)
+    out = torch.cat([model.step_one(idx[:, t:t + 1], one) for t in range(2)], dim=1)
+    assert not one.room and out.requires_grad  # no room: nothing written in place
+    assert torch.allclose(out, model.step(idx, ref), atol=1e-6)
+    out.sum().backward()
+    assert model.transformer.wte.weight.grad is not None and model.state0.grad is not None
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_a_stream_split_anywhere_gives_what_one_call_gives(config):
