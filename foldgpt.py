@@ -445,7 +445,7 @@ class Window:
         """Put what sampling wrote into the rooms (step_one) where step and fold read it: each
         layer's inputs, tail, k|v made and KV cache, as step would have left them."""
         for l, room in enumerate(self.room):
-            K, t = room.rows.size(1) - room.left, room.t  # the room's first K rows came before
+            K, t = room.K, room.t
             self.inputs[l] = torch.cat([self.inputs[l], room.rows[:, K:K + t]], dim=1)
             self.tail[l] = room.rows[:, max(room.short, t):K + t]  # the last K that came
             if room.made is not None:
@@ -458,7 +458,8 @@ class Window:
 class Room:
     """Sampling's room for one layer of a window: made at the window's first one-token step
     (FoldGPT.step_one), as large as the window can grow, so each token writes its own row, key
-    and value in, where torch.cat would copy every row before them again."""
+    and value in, where torch.cat would copy every row before them again. left: the tokens the
+    window still had room for when the room was made."""
     rows: torch.Tensor  # (B, K + left, C): the K rows before the room's first token, then its
     #                     tokens' rows (the first `short` of the K are zeros: no row came there)
     k: torch.Tensor  # (B, nh, P + left, hs): the keys the tokens read, slot by slot, turned
@@ -468,8 +469,8 @@ class Room:
     #                     logsigmoid keep score, 0 elsewhere), or None
     weights: dict  # the layer's tensors that forward_one reads (Block.weights_one)
     P: int  # slots filled when the room was made
-    short: int  # of the K rows before the first token, how many never came (a stream's start)
-    left: int  # tokens the window has room for
+    K: int  # rows before the room's first token that its token shift reads
+    short: int  # of those K, how many never came (a stream's start)
     t: int = 0  # tokens written so far
 
     def slot(self):
@@ -715,8 +716,8 @@ class FoldGPT(nn.Module):
             made = None  # carry_kv: room for the tokens' k|v, as window.made has them
             if window.kept:
                 made = window.made[l].new_empty(B, left, window.made[l].size(2))
-            window.room.append(Room(rows, k, v, made, bias, block.weights_one(), P,
-                                    short=K - tail.size(1), left=left))
+            window.room.append(Room(rows, k, v, made, bias, block.weights_one(), P, K,
+                                    short=K - tail.size(1)))
 
     def fold(self, window):
         """The next rows (B, L, S, C), and with carry_kv their k|v (B, L, S, 2C; with keep_context
