@@ -260,20 +260,12 @@ class Block(nn.Module):
         if config.n_mem:  # the keep score: which rows enter the memory (see FoldGPT.admit)
             self.keep = nn.Linear(config.n_embd, 1, bias=True)
         self.token_shift = config.token_shift
-        self.reads_memory = True  # False below config.memory_from (FoldGPT.__init__)
 
     def keep_score(self, x, head_only=False):
         """(B, T) keep scores of rows x (B, T, C): a row enters the memory when its score > 0.
         head_only: the gradient stops at the keep head (the rows and ln_1 are not its to shape)."""
         x = self.ln_1(x)
         return self.keep(x.detach() if head_only else x).squeeze(-1)
-
-    def memory_bias(self, score):
-        """How strongly this layer reads its memory rows, added to their logits: the log of the
-        sigmoid of their keep scores score (B, ...), or -inf where it does not read them."""
-        if not self.reads_memory:
-            return torch.full_like(score.detach(), float("-inf"))
-        return F.logsigmoid(score)
 
     def norm(self, x, prev=None):
         """ln_1 of rows x (B, T, C), and with token shift ln_1 of the K rows before each of them
@@ -365,11 +357,6 @@ class FoldGPTConfig:
     #                            training runs in waves of windows up through every layer (the
     #                            first layer's next memory waits for the last layer's scores):
     #                            docs/retention.md, section 18
-    memory_from: int = 0  # the first layer that reads its memory rows; the layers below it
-    #                       read only their recent rows and tokens. The first layer's query
-    #                       knows a token and the token_shift - 1 before it, too little to tell
-    #                       the key asked for from a number near the question (docs/retention.md,
-    #                       section 23); one layer up, it has read its window
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -409,9 +396,6 @@ class FoldGPTConfig:
             raise ValueError(f"keep_margin must be >= 0, got {self.keep_margin}")
         if not 0.0 < self.keep_hard <= 1.0:
             raise ValueError(f"keep_hard must be in (0, 1], got {self.keep_hard}")
-        if not 0 <= self.memory_from < self.n_layer:
-            raise ValueError(f"memory_from must be a layer, 0 to n_layer - 1 ({self.n_layer - 1}),"
-                             f" got {self.memory_from}")
 
 
 @dataclass
@@ -530,8 +514,7 @@ class FoldGPT(nn.Module):
         self.state0 = nn.Parameter(torch.zeros(config.n_layer, config.n_state, config.n_embd))
         self.apply(self._init_weights)
         nn.init.normal_(self.state0, mean=0.0, std=0.02)
-        for l, block in enumerate(self.transformer.h):
-            block.reads_memory = l >= config.memory_from
+        for block in self.transformer.h:
             if config.n_mem:  # at first every row enters the memory: it extends the recent rows
                 nn.init.constant_(block.keep.bias, config.keep_init)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections
@@ -598,7 +581,7 @@ class FoldGPT(nn.Module):
                 evolved = block(mem)[0]  # (B, M, C), each reading the older memory rows
                 read = mem + block.evolve * (evolved - mem)
                 scored = read if context is None else context[:, l]  # (B, M, C)
-                bias = block.memory_bias(block.keep_score(scored, self.config.keep_head_only))
+                bias = F.logsigmoid(block.keep_score(scored, self.config.keep_head_only))  # (B, M)
                 if context is not None:
                     window.context.append(context[:, l])
             # The memory rows and the rows that make way only lend their keys and values; the
@@ -637,8 +620,7 @@ class FoldGPT(nn.Module):
             window.tail.append(last_rows(layer, K))
             window.mem.append(mem)
             scored = kept[:, :M, 2 * C:] if self.config.keep_context else mem  # (B, M, C)
-            window.bias.append(block.memory_bias(block.keep_score(scored,
-                                                                  self.config.keep_head_only))
+            window.bias.append(F.logsigmoid(block.keep_score(scored, self.config.keep_head_only))
                                if M else None)  # (B, M)
             window.recent.append(recent)
             window.inputs.append(layer[:, :0])  # (B, 0, C): no tokens yet
@@ -1067,7 +1049,7 @@ class FoldGPT(nn.Module):
         parts = [t.unflatten(-1, (nh, hs)) for t in parts]  # (..., nh, hs): heads
         q = attn.heads(q.reshape(B * w, W, C))  # (B*w, nh, W, hs)
         # memory rows are read as strongly as their keep scores say: (B, w, M)
-        bias = None if not M else block.memory_bias(score.gather(1, ids)).view(B, w, M)
+        bias = None if not M else F.logsigmoid(score.gather(1, ids)).view(B, w, M)
         channel = bias is not None and bias.requires_grad
         if channel:  # as in attend, the bias rides in a channel of its own (q.k gains
             # sqrt(hs) * bias), put in as the keys and values are put together, not after

@@ -686,30 +686,6 @@ def test_with_keep_shared_every_layer_lets_in_what_the_last_layer_picks():
     assert not torch.equal(own[:, 0], own[:, 1])  # on its own, the first layer picks others
 
 
-@pytest.mark.parametrize("config", [KEPT, SHARED], ids=["kept", "shared"])
-def test_layers_below_memory_from_do_not_read_their_memory(config):
-    state = random_state(tiny(**config))
-    idx, M = tokens(12), config["n_mem"]
-    changed = torch.randn(2, M, 2 * 16, generator=torch.Generator().manual_seed(9))
-    outs = {}
-    for memory_from in (0, 1):
-        model = tiny(memory_from=memory_from, **config)
-        kv = model.start_kv(state.rows)  # (B, L, S, 2C or 3C): the first layer's memory, moved
-        moved = kv.clone()
-        moved[:, 0, :M, :32] += changed  # its keys and values
-        with torch.no_grad():
-            outs[memory_from] = [model(idx, State(state.rows, None, t))[0] for t in (kv, moved)]
-        logits, loss, _ = model(idx, State(state.rows, None, moved), targets=idx)  # training's
-        loss.backward()  # road: the first layer's keep head gets no gradient from the read
-        head = model.transformer.h[0].keep.weight.grad
-        assert (head is None or not head.abs().sum()) == (memory_from == 1)
-    assert not torch.allclose(*outs[0], atol=1e-4)  # as the first layer reads it, it matters
-    assert torch.equal(*outs[1])  # where only the second reads memory, the first's is not read
-    assert not torch.allclose(outs[0][0], outs[1][0], atol=1e-4)
-    with pytest.raises(ValueError, match="memory_from"):
-        FoldGPTConfig(**{**TINY, **config, "memory_from": 2}).check()
-
-
 @torch.no_grad()
 def test_with_keep_context_each_memory_row_carries_its_row_one_layer_up():
     model = tiny(**CONTEXT)  # S=12: 4 memory rows, 8 recent; 2 layers

@@ -64,8 +64,6 @@ class TrainConfig:
     #                         newer), not its oldest; 0: its oldest
     keep_shared: bool = False  # every layer's memory lets in what the last layer's score picks
     #                            (with carry_kv, training runs in joint waves of windows)
-    memory_from: int = 0  # the first layer that reads its memory rows (the ones below: only
-    #                       their recent rows and tokens)
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # C: channels
