@@ -82,6 +82,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.fast = True  # F.scaled_dot_product_attention; False runs the same sum written out
+        self.memory_heads = 0  # heads that read only the memory rows (the first layer's: config)
         self._joined = None  # sampling's projection weights, joined (see joined)
         # Rotary slots: 0..S-1 hold the carried rows, S..S+W-1 the tokens. The fold shifts rows
         # down by the W slots a window adds, so slot distance is distance in the stream.
@@ -129,6 +130,16 @@ class CausalSelfAttention(nn.Module):
             self._joined = (made_of, weight)
         return self._joined[1], self.c_attn.bias
 
+    def split_heads(self, mask, M):
+        """With memory_heads, the bool mask (N, P) of which slots each row reads, per head (nh,
+        N, P): the first memory_heads heads read only the first M slots (the memory rows), the
+        others all but those. Without, the mask itself."""
+        if not self.memory_heads:
+            return mask
+        memory = torch.arange(mask.size(-1), device=mask.device) < M  # (P,)
+        heads = torch.arange(self.n_head, device=mask.device) < self.memory_heads  # (nh,)
+        return mask & (heads[:, None] == memory)[:, None, :]  # (nh, N, P)
+
     def heads(self, t):
         """(B, T, C) -> (B, nh, T, hs): the heads side by side become a dimension of their own."""
         B, T, C = t.size()
@@ -163,9 +174,10 @@ class CausalSelfAttention(nn.Module):
         # "All key-token states in the same time": one causal mask over the slots, slot r reads
         # slots <= r: a token reads every carried row of its layer, a carried row no token.
         mask = None  # one row that reads (N == 1, sampling) reads every row: no mask needed
-        if N > 1:
+        if N > 1 or (self.memory_heads and bias is not None):
             mask = causal_mask(N, P + T, P + lend, x.device)
         if bias is not None:  # memory rows are read as strongly as their keep score says
+            mask = self.split_heads(mask, bias.size(1))  # memory_heads: (nh, N, P+T)
             bias = F.pad(bias, (0, P + T - bias.size(1)))  # (B, P+T)
         return self.attend(q, k, v, mask, bias), (k, v), new[1:]
 
@@ -187,18 +199,18 @@ class CausalSelfAttention(nn.Module):
         room.k[:, :, P] = k[:, :, 0]  # (B, nh, hs)
         room.v[:, :, P] = new[:, 2 * C:].view(B, nh, -1)
         k, v = room.k[:, :, :P + 1], room.v[:, :, :P + 1]  # (B, nh, P+1, hs): views, no copy
-        bias = None if room.bias is None else room.bias[..., :P + 1]  # (B, 1, 1, P+1)
+        bias = None if room.bias is None else room.bias[..., :P + 1]  # (B, 1 or nh, 1, P+1)
         if self.fast:  # attend's sum, with nothing to decide: one row reads every row
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             y = F.linear(y.view(B, C), *w["proj"])  # heads side by side
         else:
-            y = self.attend(q, k, v, None, None if bias is None else bias[:, 0, 0]).view(B, C)
+            y = self.attend(q, k, v, None, bias).view(B, C)
         return y, new[:, C:]
 
     def attend(self, q, k, v, mask, bias=None, channel=False):
         """The sum itself: queries q (B, nh, N, hs) read keys and values k, v (B, nh, P, hs) as
-        the bool mask (N, P) or (B, 1, N, P) allows (None: all); bias (B, P), or None: added to
-        the logits of each key. channel: q, k and v carry such a bias already, in a last
+        the bool mask (N, P), (nh, N, P) or (B, 1, N, P) allows (None: all); bias (B, P) or
+        (B, 1 or nh, N, P), or None: added to the logits of each key. channel: q, k and v carry such a bias already, in a last
         channel of their own, as below (read_windows builds them so). Returns (B, N, C)."""
         hs = q.size(-1) - channel
         if self.fast:
@@ -210,7 +222,7 @@ class CausalSelfAttention(nn.Module):
                               dim=-1)
                 v = F.pad(v, (0, 1))
             elif bias is not None:  # sampling, eval: a mask of logits, no copy
-                add = bias.to(q.dtype)[:, None, None, :]  # (B, 1, 1, P)
+                add = bias.to(q.dtype) if bias.dim() == 4 else bias.to(q.dtype)[:, None, None, :]
                 mask = add if mask is None else add.masked_fill(~mask, float("-inf"))
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
@@ -218,7 +230,7 @@ class CausalSelfAttention(nn.Module):
         else:  # the path sum written out: weights exp(q.k) / sum exp(q.k) over readable rows
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, N, P)
             if bias is not None:
-                att = att + bias.to(att.dtype)[:, None, None, :]
+                att = att + (bias if bias.dim() == 4 else bias[:, None, None, :]).to(att.dtype)
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
             att = self.attn_dropout(F.softmax(att, dim=-1))
@@ -357,6 +369,12 @@ class FoldGPTConfig:
     #                            training runs in waves of windows up through every layer (the
     #                            first layer's next memory waits for the last layer's scores):
     #                            docs/retention.md, section 18
+    memory_heads: int = 0  # of the first layer's heads, this many read only its memory rows and
+    #                        the others only its recent rows and tokens; 0: every head reads
+    #                        all. The first layer's query knows a token and the one before it:
+    #                        in one softmax, a number near the question outbids the key in the
+    #                        memory (docs/retention.md, section 23); apart, both are read and the
+    #                        layers above, which know the question, choose
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -396,6 +414,11 @@ class FoldGPTConfig:
             raise ValueError(f"keep_margin must be >= 0, got {self.keep_margin}")
         if not 0.0 < self.keep_hard <= 1.0:
             raise ValueError(f"keep_hard must be in (0, 1], got {self.keep_hard}")
+        if self.memory_heads and not 0 < self.memory_heads < self.n_head:
+            raise ValueError(f"memory_heads must be 0 or 1 to n_head - 1 ({self.n_head - 1}), "
+                             f"got {self.memory_heads}")
+        if self.memory_heads and not self.n_mem:
+            raise ValueError("memory_heads needs memory rows: give --n_mem > 0 (or -1)")
 
 
 @dataclass
@@ -466,7 +489,8 @@ class Room:
     v: torch.Tensor  # (B, nh, P + left, hs): and their values
     made: torch.Tensor  # carry_kv: (B, left, 2C or 3C) each token's k|v, as Window.made; or None
     bias: torch.Tensor  # (B, 1, 1, P + left): what each slot's logit gains (the memory rows'
-    #                     logsigmoid keep score, 0 elsewhere), or None
+    #                     logsigmoid keep score, 0 elsewhere), or None; with memory_heads
+    #                     (B, nh, 1, P + left), -inf where a head does not read
     weights: dict  # the layer's tensors that forward_one reads (Block.weights_one)
     P: int  # slots filled when the room was made
     K: int  # rows before the room's first token that its token shift reads
@@ -514,6 +538,7 @@ class FoldGPT(nn.Module):
         self.state0 = nn.Parameter(torch.zeros(config.n_layer, config.n_state, config.n_embd))
         self.apply(self._init_weights)
         nn.init.normal_(self.state0, mean=0.0, std=0.02)
+        self.transformer.h[0].attn.memory_heads = config.memory_heads
         for block in self.transformer.h:
             if config.n_mem:  # at first every row enters the memory: it extends the recent rows
                 nn.init.constant_(block.keep.bias, config.keep_init)
@@ -712,7 +737,12 @@ class FoldGPT(nn.Module):
             rows = tail.new_zeros(B, K + left, C)
             rows[:, K - tail.size(1):K] = tail
             if bias is not None:  # (B, M) -> (B, 1, 1, P + left): the first M slots' logits
-                bias = F.pad(bias, (0, P + left - bias.size(1))).to(k.dtype)[:, None, None]
+                M = bias.size(1)
+                bias = F.pad(bias, (0, P + left - M)).to(k.dtype)[:, None, None]
+                if block.attn.memory_heads:  # (B, nh, 1, P + left): -inf where a head reads not
+                    reads = block.attn.split_heads(torch.ones(1, P + left, dtype=torch.bool,
+                                                              device=k.device), M)
+                    bias = bias.masked_fill(~reads, float("-inf"))
             made = None  # carry_kv: room for the tokens' k|v, as window.made has them
             if window.kept:
                 made = window.made[l].new_empty(B, left, window.made[l].size(2))
@@ -1063,6 +1093,8 @@ class FoldGPT(nn.Module):
         v = torch.cat([parts[2], *near(parts[3])], dim=2)
         k, v = (t.flatten(0, 1).transpose(1, 2) for t in (k, v))  # (B*w, nh, S+W, hs or hs+1)
         mask = causal_mask(W, S + W, S, x.device)  # a token reads all S rows and tokens before it
+        if M:
+            mask = attn.split_heads(mask, M)  # memory_heads: (nh, W, S+W)
         x = x + attn.attend(q, k, v, mask, bias, channel).view(B, T, C)
         return x + block.mlp(block.ln_2(x))
 

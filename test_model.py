@@ -24,7 +24,8 @@ CONTEXT = dict(keep_context=True, **STAY)  # keep scores read from the rows one 
 RANKED = dict(keep_rank=0.1, **CONTEXT)  # a full memory lets its lowest-ranked row go
 KEPT_CONTEXT = dict(carry_kv=True, keep_context=True, token_shift=3, **STAY)
 ALL_MEMORY = dict(carry_kv=True, n_state=8, n_mem=8)  # no recent rows: runs window by window
-SHARED = dict(keep_shared=True, keep_rank=0.1, **KEPT_CONTEXT)  # the last layer picks for all
+SHARED = dict(keep_shared=True, keep_rank=0.1, memory_heads=1, **KEPT_CONTEXT)  # the last layer
+#                                  picks for all; the first layer's first head reads the memory
 CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY), CONTEXT, RANKED,
            KEPT_CONTEXT, ALL_MEMORY, SHARED]
 IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay", "context", "ranked",
@@ -684,6 +685,36 @@ def test_with_keep_shared_every_layer_lets_in_what_the_last_layer_picks():
     assert torch.equal(shared[:, 0], shared[:, 1])  # every layer lets in the same rows ...
     assert torch.equal(shared[0, 0], own[0, 1])  # ... those the last layer's score picks
     assert not torch.equal(own[:, 0], own[:, 1])  # on its own, the first layer picks others
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fast", [True, False], ids=["sdpa", "written out"])
+def test_memory_heads_read_only_the_memory_and_the_other_heads_never(fast):
+    model = tiny(memory_heads=1, **KEPT)  # 2 heads of 8 channels; M = 6 memory rows of S = 10
+    attn, M = model.transformer.h[0].attn, 6
+    attn.fast = fast
+    attn.c_proj.weight.copy_(torch.eye(16))  # the heads' outputs side by side, as they are
+    x, bias = torch.randn(2, 4, 16), F.logsigmoid(torch.randn(2, M))
+    k, v = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)  # (B, nh, P, hs): 10 carried rows
+
+    def heads(**moved):  # each head's output, some of the carried values moved
+        moved_v = v.clone()
+        for rows in moved.values():
+            moved_v[:, :, rows] += 1.0
+        y = attn(x, None, (k, moved_v), bias, 0)[0]  # (B, 4, 16), heads side by side
+        return y.split(8, dim=-1)
+
+    still = heads()
+    memory, recent = heads(memory=slice(0, M)), heads(recent=slice(M, 10))
+    assert torch.allclose(memory[0], still[0] + 1.0, atol=1e-5)  # head 0 reads only the memory:
+    assert torch.allclose(recent[0], still[0])  # each of its weights on a memory row
+    assert torch.allclose(memory[1], still[1])  # head 1 never reads the memory ...
+    assert not torch.allclose(recent[1], still[1])  # ... but the recent rows (and tokens)
+    assert not model.transformer.h[1].attn.memory_heads  # the first layer's only
+    with pytest.raises(ValueError, match="memory_heads"):
+        FoldGPTConfig(**{**TINY, **KEPT, "memory_heads": 2}).check()  # one head must read the rest
+    with pytest.raises(ValueError, match="memory_heads"):
+        FoldGPTConfig(**{**TINY, "memory_heads": 1}).check()  # no memory rows to read
 
 
 @torch.no_grad()

@@ -319,15 +319,15 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--carry_kv=True", "--bptt=16", "--batch_size=4", "--keep_supervise=1.0",
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
         "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=0"])
-    # and its real-text twin is the flags section 18 measured (out-ks-1337, out-ks-7, out-ks-3):
-    # section 16's (out-f8-*) and keep_shared
+    # and its real-text twin is the flags section 23 measured (out-mh1-1337, out-mh1-7,
+    # out-mh1-3): section 16's (out-f8-*), keep_shared (section 18) and memory_heads
     kvc = configure(train.TrainConfig(), [os.path.join(HERE, "config", "landmark_kv.py")])
     assert kvc == configure(train.TrainConfig(), [
         "--data_dir=data/prose-near", "--out_dir=out-landmark-kv", "--carry_kv=True",
         "--keep_context=True", "--bptt=16", "--batch_size=4", "--keep_supervise=1.0",
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
         "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=2",
-        "--keep_shared=True"])
+        "--keep_shared=True", "--memory_heads=1"])
 
 
 def test_config_file_sets_values_and_refuses_code(tmp_path):

@@ -64,6 +64,8 @@ class TrainConfig:
     #                         newer), not its oldest; 0: its oldest
     keep_shared: bool = False  # every layer's memory lets in what the last layer's score picks
     #                            (with carry_kv, training runs in joint waves of windows)
+    memory_heads: int = 0  # of the first layer's heads, this many read only its memory rows,
+    #                        the others only its recent rows and tokens; 0: every head reads all
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # C: channels

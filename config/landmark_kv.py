@@ -21,6 +21,8 @@ carry_kv = True  # keys and values carried as made, rows not evolved
 keep_context = True  # a row's keep score reads the row one layer up, which knows its window
 keep_shared = True  # every layer's memory lets in what the last layer's score picks (training
 #                     runs in joint waves of 3 windows up through every layer)
+memory_heads = 1  # the first layer's first head reads only the memory, the others only the
+#                   window: a number near the question no longer outbids the key (section 23)
 bptt = 16  # 16 windows a step, 4 streams: the default's 2,048 tokens a step
 batch_size = 4
 # the memory: which rows it keeps, and how it learns to choose them (docs/design.md, Fold)
