@@ -214,9 +214,10 @@ class CausalSelfAttention(nn.Module):
         channel of their own, as below (read_windows builds them so). Returns (B, N, C)."""
         hs = q.size(-1) - channel
         if self.fast:
-            if bias is not None and bias.requires_grad:  # the fused kernels pass no gradient to
-                # a mask of logits, so the bias rides in a channel of its own: q.k gains
-                # sqrt(hs) * bias (a copy of the keys: only where a gradient needs it)
+            if bias is not None and bias.requires_grad:  # a mask of logits that needs a
+                # gradient sends the call to its slower unfused path, so the bias rides in a
+                # channel of its own: q.k gains sqrt(hs) * bias (a copy of the keys: only where
+                # a gradient needs it)
                 q = F.pad(q, (0, 1), value=math.sqrt(hs))
                 k = torch.cat([k, bias.to(k.dtype)[:, None, :, None].expand(-1, k.size(1), -1, 1)],
                               dim=-1)

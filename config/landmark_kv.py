@@ -1,5 +1,5 @@
 """Pass keys in real prose, in the passkey test's own unmarked words: the best recipe so far
-(docs/retention.md, section 18). Shakespeare with facts and numbers sown in, all keys in
+(docs/retention.md, sections 18 and 23). Shakespeare with facts and numbers sown in, all keys in
 Landmark's words; stage 1 asks for each key within 64 characters (where the copy from the memory
 is learned), stage 2 from up to 1,024 back (where keeping is learned):
 
@@ -10,10 +10,11 @@ is learned), stage 2 from up to 1,024 back (where keeping is learned):
         --max_iters=2400 --learning_rate=2e-4                   # stage 2: 1,200 more steps
     python eval.py --out_dir=out-landmark-kv                    # held-out prose, Landmark's words
 
-Measured (50 trials, docs/retention.md, sections 18 and 19): seed 1337 found the key 78-100%
-of the time from 0 to 256 windows of held-out prose (seeds 7 and 3: 62-96%, 74-100%), in 13.0
-and 11.6 minutes for the two stages on one CPU thread beside another run. Without keep_shared (section
-16: each layer's memory chosen by its own score) 62-100% to 64 windows and 34-40% at 256.
+Measured (50 trials, docs/retention.md, section 23): seed 1337 found the key 88-98% of the
+time from 0 to 256 windows of held-out prose (seeds 7 and 3: 80-98%, 78-100%), in 12.0 and
+11.5 minutes for the two stages on one CPU thread beside another run; 3.54-3.61 bits per byte
+on held-out prose. Without memory_heads (section 19): 78-100%, 62-96%, 74-100%, 3.66-3.70
+bits per byte; without keep_shared too (section 16) 62-100% to 64 windows and 34-40% at 256.
 """
 data_dir = "data/prose-near"
 out_dir = "out-landmark-kv"
