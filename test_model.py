@@ -21,7 +21,8 @@ SHIFT3 = dict(token_shift=3, **MEMORY)  # keys read 3 rows back, across memory a
 STAY = dict(n_state=12, n_mem=4)  # 4 memory rows and 8 recent rows: 4 stay through a window
 KEPT = dict(carry_kv=True, **SHIFT3)  # rows carried with the keys and values they were made with
 CONTEXT = dict(keep_context=True, **STAY)  # keep scores read from the rows one layer up
-RANKED = dict(keep_rank=0.1, **CONTEXT)  # a full memory lets its lowest-ranked row go
+RANKED = dict(keep_rank=0.1, memory_heads=1, **CONTEXT)  # a full memory lets its lowest-ranked
+#                                                        row go; memory heads, rows evolving
 KEPT_CONTEXT = dict(carry_kv=True, keep_context=True, token_shift=3, **STAY)
 ALL_MEMORY = dict(carry_kv=True, n_state=8, n_mem=8)  # no recent rows: runs window by window
 SHARED = dict(keep_shared=True, keep_rank=0.1, memory_heads=1, **KEPT_CONTEXT)  # the last layer
