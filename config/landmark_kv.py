@@ -13,7 +13,8 @@ is learned), stage 2 from up to 1,024 back (where keeping is learned):
 Measured (50 trials, docs/retention.md, section 23): seed 1337 found the key 88-98% of the
 time from 0 to 256 windows of held-out prose (seeds 7 and 3: 80-98%, 78-100%), in 12.0 and
 11.5 minutes for the two stages on one CPU thread beside another run; 3.54-3.61 bits per byte
-on held-out prose. Without memory_heads (section 19): 78-100%, 62-96%, 74-100%, 3.66-3.70
+on held-out prose. With --max_iters=3600 in stage 2: seeds 1337 and 3 at 90-100% and 92-100%,
+seed 7 82-98%. Without memory_heads (section 19): 78-100%, 62-96%, 74-100%, 3.66-3.70
 bits per byte; without keep_shared too (section 16) 62-100% to 64 windows and 34-40% at 256.
 """
 data_dir = "data/prose-near"
