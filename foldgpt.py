@@ -210,8 +210,9 @@ class CausalSelfAttention(nn.Module):
     def attend(self, q, k, v, mask, bias=None, channel=False):
         """The sum itself: queries q (B, nh, N, hs) read keys and values k, v (B, nh, P, hs) as
         the bool mask (N, P), (nh, N, P) or (B, 1, N, P) allows (None: all); bias (B, P) or
-        (B, 1 or nh, N, P), or None: added to the logits of each key. channel: q, k and v carry such a bias already, in a last
-        channel of their own, as below (read_windows builds them so). Returns (B, N, C)."""
+        (B, 1 or nh, N, P), or None: added to the logits of each key. channel: q, k and v carry
+        such a bias already, in a last channel of their own, as below (read_windows builds them
+        so). Returns (B, N, C)."""
         hs = q.size(-1) - channel
         if self.fast:
             if bias is not None and bias.requires_grad:  # a mask of logits that needs a
