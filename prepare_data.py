@@ -41,6 +41,9 @@ class PrepareConfig:
     out_dir: str = ""  # where to write; default data/<dataset, or the input's name>
     size: int = 4_000_000  # passkeys: characters of training text (val gets a tenth of it)
     max_gap: int = 1024  # passkeys: longest distance, in characters, from a key to its question
+    near_gap: int = 0  # passkeys, > 0: also train_near.bin, the same kind of corpus with its keys
+    #                    asked for within this many characters, which train.py reads first
+    #                    (its near_iters): the copy is learned close by, then keeping, far
     seed: int = 1337  # passkeys: the seed of the random keys, gaps and haystacks
     prose: float = 0.0  # passkeys: share of documents hiding their keys in real prose with numbers
     unmarked: float = 0.0  # passkeys: share of documents in the passkey test's words (no '#')
@@ -389,8 +392,10 @@ def read_meta(data_dir):
     if TOKENIZER_VOCAB.get(tokenizer) != vocab:
         fail(f"{data_dir}/meta.json says tokenizer {tokenizer!r} with vocab {vocab}, which do not "
              f"go together: {remake}")
-    for split in ("train", "val"):
-        path = os.path.join(data_dir, f"{split}.bin")
+    for split in ("train", "val") + (("near",) if meta.get("near_tokens") else ()):
+        path = os.path.join(data_dir, "train_near.bin" if split == "near" else f"{split}.bin")
+        if not os.path.isfile(path):  # meta.json says it made one
+            fail(f"no train_near.bin in {data_dir}: {remake}")
         size = os.path.getsize(path)
         if size % 2:
             fail(f"{path} is {size:,} bytes, not a whole number of 2-byte tokens (a copy cut "
@@ -428,8 +433,10 @@ def prepare(cfg):
         name, source = "shakespeare", "tinyshakespeare"
         train_pieces, val_pieces = [(download_shakespeare(), True)], None
     elif cfg.dataset == "passkeys":
-        if cfg.size < 1 or cfg.max_gap < 4:
-            fail("--size must be >= 1 and --max_gap >= 4")
+        if cfg.size < 1 or cfg.max_gap < 4 or not (cfg.near_gap == 0 or
+                                                   4 <= cfg.near_gap < cfg.max_gap):
+            fail("--size must be >= 1, --max_gap >= 4, and --near_gap 0 (none) or from 4 to "
+                 "below --max_gap")
         if not all(0 <= v <= 1 for v in (cfg.prose, cfg.unmarked, cfg.bait, cfg.adjacent)):
             fail("--prose, --unmarked, --bait and --adjacent are shares: give numbers from 0 to 1")
         name = "passkeys"
@@ -441,27 +448,36 @@ def prepare(cfg):
                    adjacent=cfg.adjacent)
         train_pieces = passkey_corpus(cfg.size, cfg.max_gap, cfg.seed, "train", **mix)
         val_pieces = passkey_corpus(cfg.size // 10, cfg.max_gap, cfg.seed + 1, "held-out", **mix)
+        if cfg.near_gap:
+            source += f" near_gap={cfg.near_gap}"
+            near_pieces = passkey_corpus(cfg.size, cfg.near_gap, cfg.seed, "train", **mix)
     else:
         fail(f"unknown dataset {cfg.dataset!r}: use passkeys or shakespeare, or --input=PATH")
     out_dir = cfg.out_dir or os.path.join("data", name)
     try:
-        return write_data(cfg, enc, name, source, train_pieces, val_pieces, out_dir)
+        return write_data(cfg, enc, name, source, train_pieces, val_pieces, out_dir,
+                          near_pieces if cfg.dataset == "passkeys" and cfg.near_gap else None)
     except OSError as e:  # a full disk, a folder that cannot be written
         print(f"error: cannot write the data to {out_dir} ({e.strerror or e}): free some disk "
               "space or pick another --out_dir, then run this again", file=sys.stderr)
         sys.exit(1)
 
 
-def write_data(cfg, enc, name, source, train_pieces, val_pieces, out_dir):
+def write_data(cfg, enc, name, source, train_pieces, val_pieces, out_dir, near_pieces=None):
     os.makedirs(out_dir, exist_ok=True)
     train_path, val_path = os.path.join(out_dir, "train.bin"), os.path.join(out_dir, "val.bin")
     marked = name == "passkeys" and not cfg.input  # the built-in corpus marks recall targets
-    for stale in ("train_recall.bin", "val_recall.bin"):  # from an earlier run into out_dir
-        if not marked and os.path.exists(os.path.join(out_dir, stale)):
+    for stale in ("train_recall.bin", "val_recall.bin", "train_near.bin",
+                  "train_near_recall.bin"):  # from an earlier run into out_dir
+        if ((not marked or near_pieces is None and "near" in stale)
+                and os.path.exists(os.path.join(out_dir, stale))):
             os.remove(os.path.join(out_dir, stale))
+    n_near = 0
     if marked:
         n_train = write_marked(train_pieces, enc, train_path)
         n_val = write_marked(val_pieces, enc, val_path)
+        if near_pieces is not None:
+            n_near = write_marked(near_pieces, enc, os.path.join(out_dir, "train_near.bin"))
     else:
         n_train = write_tokens(train_pieces, cfg.tokenizer, train_path, cfg.workers)
         if val_pieces is None:
@@ -469,13 +485,16 @@ def write_data(cfg, enc, name, source, train_pieces, val_pieces, out_dir):
         else:
             n_val = write_tokens(val_pieces, cfg.tokenizer, val_path, cfg.workers)
     meta = dict(tokenizer=cfg.tokenizer, vocab_size=enc.n_vocab, eot_token=enc.eot_token,
-                train_tokens=n_train, val_tokens=n_val, recall_marks=marked, source=source,
+                train_tokens=n_train, val_tokens=n_val, near_tokens=n_near,
+                recall_marks=marked, source=source,
                 command=" ".join(["python prepare_data.py"] + sys.argv[1:]))
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     print(f"{source}, tokenizer {cfg.tokenizer} (vocab {enc.n_vocab})")
     print(f"wrote {out_dir}/train.bin ({n_train:,} tokens), val.bin ({n_val:,} tokens), "
           + ("train_recall.bin, val_recall.bin (the recall targets), " if marked else "")
+          + (f"train_near.bin ({n_near:,} tokens, keys asked for within {cfg.near_gap} "
+             "characters) and its recall marks, " if n_near else "")
           + "meta.json")
     return out_dir
 

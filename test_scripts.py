@@ -199,6 +199,32 @@ def test_recall_marks_sit_on_the_keys_said_again(tmp_path, monkeypatch, tokenize
         assert re.fullmatch(f" ?{words}{k}", stated[i]), (stated[i], k)
 
 
+def test_near_gap_writes_the_corpus_of_that_max_gap_beside_the_far_one(tmp_path):
+    """--near_gap=64 writes train_near.bin (and its recall marks): the corpus that --max_gap=64
+    writes as train.bin, the first stage of a curriculum on distance; read_meta checks it."""
+    both = prepare_data.prepare(prepare_data.PrepareConfig(
+        size=20_000, out_dir=str(tmp_path / "both"), prose=0.75, unmarked=1.0, near_gap=64))
+    near = prepare_data.prepare(prepare_data.PrepareConfig(
+        size=20_000, out_dir=str(tmp_path / "near"), prose=0.75, unmarked=1.0, max_gap=64))
+    for made, alone in (("train_near.bin", "train.bin"),
+                        ("train_near_recall.bin", "train_recall.bin")):
+        assert (tmp_path / "both" / made).read_bytes() == (tmp_path / "near" / alone).read_bytes()
+    assert (tmp_path / "both" / "train.bin").read_bytes() != (
+        tmp_path / "near" / "train.bin").read_bytes()
+    meta = prepare_data.read_meta(both)
+    assert meta["near_tokens"] == os.path.getsize(tmp_path / "near" / "train.bin") // 2 > 0
+    assert prepare_data.read_meta(near)["near_tokens"] == 0
+    with open(tmp_path / "both" / "train_near.bin", "ab") as f:  # a near file of another run
+        f.write(b"\0\0")
+    with pytest.raises(SystemExit):
+        prepare_data.read_meta(both)
+    os.remove(tmp_path / "both" / "train_near.bin")  # meta.json says there is one
+    with pytest.raises(SystemExit):
+        prepare_data.read_meta(both)
+    prepare_data.prepare(prepare_data.PrepareConfig(size=20_000, out_dir=str(tmp_path / "both")))
+    assert not (tmp_path / "both" / "train_near.bin").exists()  # none left from before
+
+
 def test_recall_warmup_counts_only_the_marked_targets(tmp_path):
     out = prepare_data.prepare(prepare_data.PrepareConfig(size=20_000, out_dir=str(tmp_path)))
     loader = train.StreamLoader(os.path.join(out, "train.bin"), n_streams=2, span=1024)
@@ -320,10 +346,12 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
         "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=0"])
     # and its real-text twin is the flags section 23 measured (out-mh1-1337, out-mh1-7,
-    # out-mh1-3): section 16's (out-f8-*), keep_shared (section 18) and memory_heads
+    # out-mh1-3): section 16's (out-f8-*), keep_shared (section 18) and memory_heads, its two
+    # stages in one run (near_iters, lr_decay_iters: the second stage at min_lr)
     kvc = configure(train.TrainConfig(), [os.path.join(HERE, "config", "landmark_kv.py")])
     assert kvc == configure(train.TrainConfig(), [
-        "--data_dir=data/prose-near", "--out_dir=out-landmark-kv", "--carry_kv=True",
+        "--data_dir=data/prose", "--near_iters=1200", "--max_iters=2400",
+        "--lr_decay_iters=1200", "--out_dir=out-landmark-kv", "--carry_kv=True",
         "--keep_context=True", "--bptt=16", "--batch_size=4", "--keep_supervise=1.0",
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
         "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=2",
@@ -725,6 +753,50 @@ def test_keep_head_only_until_is_keep_head_only_then_without_it(trained, tmp_pat
     switched = run_to("switched", 4, "--init_from=resume", "--keep_head_only=False")
     assert all(torch.equal(a, b) for a, b in zip(curriculum, switched))
     assert not all(torch.equal(a, b) for a, b in zip(curriculum, head_only))
+
+
+def test_near_iters_is_the_near_data_then_the_far_data_resumed_at_its_place(tmp_path, capsys):
+    """A run with near_iters=2 is, bit for bit, 2 steps on a folder holding only the near keys
+    and then 2 resumed on the far ones, the state and the streams' place carried (the two
+    stages docs/retention.md ran); without near_iters it reads the far keys from the first."""
+    data = prepare_data.prepare(prepare_data.PrepareConfig(
+        size=30_000, max_gap=256, near_gap=16, out_dir=str(tmp_path / "data")))
+    near = tmp_path / "near"  # the near keys alone, as a folder of their own
+    os.makedirs(near)
+    for made, name in (("train_near.bin", "train.bin"), ("train_near_recall.bin",
+                       "train_recall.bin"), ("val.bin", "val.bin"),
+                       ("val_recall.bin", "val_recall.bin")):
+        (near / name).write_bytes((tmp_path / "data" / made).read_bytes())
+    meta = json.load(open(tmp_path / "data" / "meta.json"))
+    (near / "meta.json").write_text(json.dumps({**meta, "train_tokens": meta["near_tokens"],
+                                                "near_tokens": 0}))
+
+    def run_to(name, iters, folder, *flags):  # warmup_iters=10: the learning rate ignores
+        train.train(configure(train.TrainConfig(), TINY_RUN + [  # max_iters
+            f"--data_dir={folder}", f"--out_dir={tmp_path / name}", f"--max_iters={iters}",
+            "--eval_interval=2", *flags]))
+        return ckpt_tensors(str(tmp_path / name))[1]
+
+    curriculum = run_to("curriculum", 4, data, "--near_iters=2")
+    assert "iter 2: near_iters ends" in capsys.readouterr().out
+    run_to("stages", 2, near)
+    stages = run_to("stages", 4, data, "--init_from=resume")
+    assert all(torch.equal(a, b) for a, b in zip(curriculum, stages))
+    far = run_to("far", 4, data)
+    assert not all(torch.equal(a, b) for a, b in zip(curriculum, far))
+    no_near = copy_data(data, tmp_path / "copy", near_tokens=0)  # no train_near.bin: one line
+    with pytest.raises(SystemExit):
+        run_to("none", 4, no_near, "--near_iters=2")
+    assert "make the data with python prepare_data.py --near_gap" in capsys.readouterr().err
+
+
+def test_lr_decay_iters_ends_the_cosine_there_and_holds_min_lr():
+    cfg = train.TrainConfig(max_iters=100, warmup_iters=10, lr_decay_iters=50)
+    assert train.lr_at(9, cfg) == cfg.learning_rate
+    assert cfg.min_lr < train.lr_at(49, cfg) < train.lr_at(30, cfg) < cfg.learning_rate
+    assert train.lr_at(50, cfg) == train.lr_at(99, cfg) == cfg.min_lr
+    cfg.lr_decay_iters = 0  # the cosine over the whole run
+    assert train.lr_at(50, cfg) > cfg.min_lr == train.lr_at(100, cfg)
 
 
 def test_ctrl_c_saves_and_resume_is_bit_identical(straight, tmp_path):

@@ -79,8 +79,12 @@ class TrainConfig:
     fresh_every: int = 8  # > 0: each stream begins afresh from the initial state every this many
     #                       steps, the streams in turn, so the model learns to read a text's
     #                       start with nothing before it; 0: only where the streams start
-    # AdamW, with warmup then cosine decay to min_lr at max_iters
+    near_iters: int = 0  # the first this many steps read train_near.bin (prepare_data.py
+    #                      --near_gap): keys asked for close by, where the copy from the memory
+    #                      is learned; then train.bin, where keeping is learned
+    # AdamW, with warmup then cosine decay to min_lr at lr_decay_iters
     max_iters: int = 1200  # optimizer steps
+    lr_decay_iters: int = 0  # the cosine ends here, and min_lr holds after it; 0: max_iters
     learning_rate: float = 2e-3  # peak learning rate
     min_lr: float = 2e-4  # learning rate at the end of the cosine
     warmup_iters: int = 100  # linear warmup steps
@@ -178,7 +182,8 @@ def make_optimizer(model, cfg, device_type):
 def lr_at(it, cfg):
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / cfg.warmup_iters
-    progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    end = cfg.lr_decay_iters or cfg.max_iters
+    progress = min(1.0, (it - cfg.warmup_iters) / max(1, end - cfg.warmup_iters))
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return cfg.min_lr + cosine * (cfg.learning_rate - cfg.min_lr)
 
@@ -341,8 +346,15 @@ def train(cfg):
     span = cfg.bptt * cfg.window
     mine = cfg.grad_accum * cfg.batch_size  # streams of this process
     n_streams = world * mine  # streams of all processes; process r reads its own `mine` of them
-    train_data = StreamLoader(os.path.join(cfg.data_dir, "train.bin"), n_streams, span,
-                              rows=slice(procs.rank * mine, (procs.rank + 1) * mine))
+    if cfg.near_iters < 0 or cfg.near_iters and not meta.get("near_tokens"):
+        fail(f"near_iters needs train_near.bin in {cfg.data_dir}: make the data with "
+             "python prepare_data.py --near_gap=64, or give --near_iters=0")
+    rows = slice(procs.rank * mine, (procs.rank + 1) * mine)
+    train_data = StreamLoader(os.path.join(cfg.data_dir, "train.bin"), n_streams, span, rows)
+    far_data = train_data  # read from step near_iters on; the near keys' file before it
+    if cfg.near_iters:
+        train_data = StreamLoader(os.path.join(cfg.data_dir, "train_near.bin"), n_streams,
+                                  span, rows)
     val_data = StreamLoader(os.path.join(cfg.data_dir, "val.bin"), cfg.batch_size, span)
     marked = train_data.marks is not None  # recall targets to count alone on some steps
     recall_warmup, recall_every = (cfg.recall_warmup, cfg.recall_every) if marked else (0, 0)
@@ -360,6 +372,8 @@ def train(cfg):
         torch.manual_seed(cfg.seed + procs.rank)  # the same weights everywhere, own draws
     else:  # go on exactly where the checkpoint stopped
         it, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        if it >= cfg.near_iters:
+            train_data = far_data
         state = resume(ckpt, train_data, n_streams, mine, procs, cfg, say)
     if procs.master:
         check_out_dir(cfg.out_dir)
@@ -430,6 +444,10 @@ def train(cfg):
             lr = lr_at(it, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if it == cfg.near_iters > 0 and train_data is not far_data:  # on at the same place,
+                far_data.pos, train_data = train_data.pos, far_data  # the state carried on
+                say(f"iter {it}: near_iters ends: the keys come from up to the whole max_gap "
+                    "back (train.bin) from here on")
             model.config.keep_head_only = keep_head_only_at(it, cfg)
             if cfg.keep_head_only and it == cfg.keep_head_only_until > 0:
                 say(f"iter {it}: keep_head_only ends (keep_head_only_until): the keep scores' "
