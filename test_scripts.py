@@ -347,11 +347,11 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=0"])
     # and its real-text twin is the flags section 23 measured (out-mh1-1337, out-mh1-7,
     # out-mh1-3): section 16's (out-f8-*), keep_shared (section 18) and memory_heads, its two
-    # stages in one run (near_iters, lr_decay_iters: the second stage at min_lr)
+    # stages in one run under one cosine (near_iters; section 24: out-cos-1337, -7, -3)
     kvc = configure(train.TrainConfig(), [os.path.join(HERE, "config", "landmark_kv.py")])
     assert kvc == configure(train.TrainConfig(), [
         "--data_dir=data/prose", "--near_iters=1200", "--max_iters=2400",
-        "--lr_decay_iters=1200", "--out_dir=out-landmark-kv", "--carry_kv=True",
+        "--out_dir=out-landmark-kv", "--carry_kv=True",
         "--keep_context=True", "--bptt=16", "--batch_size=4", "--keep_supervise=1.0",
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
         "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=2",
