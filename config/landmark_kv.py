@@ -11,7 +11,7 @@ in Landmark's words; for the first 1,200 steps each key is asked for within 64 c
 Measured (docs/retention.md, section 24, 50 trials): seeds 1337, 7 and 3 found the key 78-100%,
 90-100% and 80-100% of the time from 0 to 256 windows of held-out prose, at 3.48, 3.48 and 3.39
 bits per byte (the plain GPT of block 128 through the same run: 3.28), in 23-26 minutes on one
-CPU thread beside another run (about 12 alone on 2 threads). With --lr_decay_iters=1200 (the far
+CPU thread beside another run (steps of 273-339 ms alone on 2 threads: about 12 minutes). With --lr_decay_iters=1200 (the far
 keys at min_lr) this run is, bit for bit, the two stages sections 16 to 23 ran
 (test_near_iters_is_the_near_data_then_the_far_data_resumed_at_its_place): seeds 1337, 7 and 3
 at 88-98%, 80-98%, 78-100%, 3.54-3.61 bits per byte (section 23); with --max_iters=3600 too,
