@@ -419,6 +419,7 @@ def largest_id(path, chunk=1 << 24):
 def prepare(cfg):
     """Write train.bin, val.bin and meta.json for cfg; returns the folder written."""
     enc = get_tokenizer(cfg.tokenizer)  # fails early, in one line, if it cannot load
+    near_pieces = None  # the near keys' corpus (passkeys with --near_gap)
     if cfg.workers < 1 or cfg.piece_mb <= 0:
         fail("--workers must be >= 1 and --piece_mb > 0")
     if cfg.input:
@@ -456,7 +457,7 @@ def prepare(cfg):
     out_dir = cfg.out_dir or os.path.join("data", name)
     try:
         return write_data(cfg, enc, name, source, train_pieces, val_pieces, out_dir,
-                          near_pieces if cfg.dataset == "passkeys" and cfg.near_gap else None)
+                          near_pieces)
     except OSError as e:  # a full disk, a folder that cannot be written
         print(f"error: cannot write the data to {out_dir} ({e.strerror or e}): free some disk "
               "space or pick another --out_dir, then run this again", file=sys.stderr)
