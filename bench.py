@@ -5,6 +5,7 @@ ratios (the machine may be shared and noisy): medians of repeats, warm-up exclud
     python bench.py --quick      # about 5 minutes on 2 CPU cores
     python bench.py              # the full run: more repeats, 180 s each in the race
     python bench.py --carry_kv=False --race_bptt=4   # the paper's evolution (config/evolve.py)
+    python bench.py --quick --race_steps=150  # also a race by steps: what a step learns
     python bench.py --n_embd=384 --n_layer=6 --n_head=6    # another model size
 
 Sampling, batch 1, the same model size for all three:
@@ -15,7 +16,8 @@ Sampling, batch 1, the same model size for all three:
 Training, the same model and tokens per step: FoldGPT over bptt windows (with and without
 grad_ckpt) beside a plain GPT with block bptt x W; then a race on real prose: FoldGPT with
 train.py's recipe and a plain GPT with block S + W, the same tokens per step, one step of each
-in turn for the same seconds, then the val loss of both on held-out prose. The plain GPTs are
+in turn for the same seconds, then the val loss of both on held-out prose (with --race_steps,
+again for the same steps: the part of the gap that is not speed). The plain GPTs are
 FoldGPT with n_state = 0: the same code, so only the folding differs. Peak memory is what one
 measurement adds to a fresh process, which does nothing else: its peak RSS above the RSS it had
 once torch and the model code were loaded (Linux), or torch.cuda.max_memory_allocated on a GPU.
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from configurator import configure
+from configurator import configure, fail
 from foldgpt import FoldGPT, FoldGPTConfig, State
 from checkpoints import pick_device
 
@@ -61,6 +63,8 @@ class BenchConfig:
     race_seconds: float = 0.0  # training seconds of each model on real prose (0: 45 quick, 180)
     race_bptt: int = 16  # FoldGPT's windows a step in the race, 64 // race_bptt streams: 2,048
     #                      tokens a step (16: train.py's default recipe; config/evolve.py's: 4)
+    race_steps: int = 0  # > 0: a second race of this many steps each, no clock: how much of
+    #                      the first race's gap is what a step learns rather than its speed
 
 
 def model_for(cfg, contender, context=0):
@@ -183,8 +187,11 @@ def race(cfg, seconds, min_steps=0):
     rate follows train.py's schedule over the budget. Then the val loss of each on the held-out
     part, which neither trained on (as train.py's val loss: the streams read in order, FoldGPT
     carrying its state). min_steps: a floor, each trains at least that many steps on the clock
-    (for a busy machine: the tests). Returns {name: (val loss, median tokens/s of its steps,
-    steps, seconds on the clock)}."""
+    (for a busy machine: the tests); with seconds 0, each trains exactly that many, whatever
+    they take. Returns {name: (val loss, median tokens/s of its steps, steps, seconds on the
+    clock)}."""
+    if not seconds and not min_steps:
+        raise ValueError("race needs seconds, min_steps or both")
     import tempfile
     import numpy as np
     from train import (StreamLoader, TrainConfig, evaluate, fresh_streams, keep_head_only_at,
@@ -215,10 +222,12 @@ def race(cfg, seconds, min_steps=0):
                               val=StreamLoader(paths["held-out"], tcfg.batch_size, span))
 
         def spent(r):  # the share of its budget a run has used: the seconds, and the steps floor
-            share = r["clock"] / seconds
-            return min(share, (len(r["times"]) - 1) / min_steps) if min_steps else share
+            steps = (len(r["times"]) - 1) / min_steps if min_steps else None
+            if not seconds:
+                return steps
+            return min(r["clock"] / seconds, steps) if min_steps else r["clock"] / seconds
 
-        done, quarter = 1, len(runs) * seconds / 4  # a progress line per quarter of the race
+        done = 1  # a progress line per quarter of the race
         while any(spent(r) < 1 for r in runs.values()):
             for r in runs.values():
                 if spent(r) >= 1:
@@ -240,7 +249,7 @@ def race(cfg, seconds, min_steps=0):
                 r["times"].append(time.perf_counter() - t)
                 if len(r["times"]) > 1:  # the first step warms torch up: not on the clock
                     r["clock"] += r["times"][-1]
-            if sum(min(r["clock"], seconds) for r in runs.values()) >= done * quarter:
+            if sum(min(spent(r), 1) for r in runs.values()) >= done * len(runs) / 4:
                 done += 1
                 print("  " + "  ".join(f"{n} {len(r['times'])} steps {r['clock']:5.0f} s"
                                        for n, r in runs.items()), flush=True)
@@ -305,6 +314,9 @@ def measure(cfg, **child_args):
 
 
 def main(cfg):
+    if cfg.race_steps < 0 or cfg.race_seconds < 0 or not 1 <= cfg.race_bptt <= 64:
+        fail(f"--race_steps and --race_seconds must be >= 0 and --race_bptt from 1 to 64, got "
+             f"{cfg.race_steps}, {cfg.race_seconds} and {cfg.race_bptt}")
     quick = cfg.quick
     positions = [256, 1024, 4096, 16384]
     repeats = 7 if quick else 25
@@ -385,6 +397,15 @@ def main(cfg):
         print(f"  {name:14} {steps:5} steps  {tok_s:7,.0f} tok/s  val loss {val:.4f}")
         rows += [("race val loss", name, f"{seconds:.0f} s", round(val, 4)),
                  ("race tok/s", name, f"{seconds:.0f} s", round(tok_s))]
+    if cfg.race_steps:  # the same race by steps: what a step learns, whatever it costs
+        print(f"the same, {cfg.race_steps} steps each whatever they take")
+        stepped = race(cfg, 0, min_steps=cfg.race_steps)
+        for name, (val, _, steps, clock) in stepped.items():
+            print(f"  {name:14} {steps:5} steps  {clock:7.1f} s    val loss {val:.4f}")
+            rows.append(("race val loss", name, f"{steps} steps", round(val, 4)))
+        print(f"  FoldGPT - {gpt} after as many steps: "
+              f"{stepped['FoldGPT'][0] - stepped[gpt][0]:+.3f} (after as many seconds: "
+              f"{raced['FoldGPT'][0] - raced[gpt][0]:+.3f})")
     verdicts = [
         ("FoldGPT latency at 16k / at 256", lat["FoldGPT"][16384] / lat["FoldGPT"][256],
          "<=", 1.10),

@@ -551,6 +551,8 @@ BAD_INPUT = {
         "sample.py", f"--out_dir={out}", "--device=cuda"], "--device=cuda, but CUDA is not"),
     "a device torch does not know": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={out}", "--device=gpu"], "not a device torch knows"),
+    "a race of fewer than no steps": (lambda tmp, data, out: [
+        "bench.py", "--race_steps=-1"], "--race_steps and --race_seconds must be >= 0"),
 }
 
 
@@ -1270,6 +1272,15 @@ def test_bench_race_trains_both_models_for_the_seconds_given_and_scores_them_on_
     for val, tok_s, steps, seconds in raced.values():
         assert steps >= 41 and tok_s > 0 and seconds >= 1.5  # 40 on the clock, 1 to warm up
         assert val < math.log(257) - 1  # it learned: far below a uniform guess over the bytes
+
+
+def test_bench_race_by_steps_trains_each_model_exactly_as_many_steps_whatever_they_take():
+    import bench
+    cfg = bench.BenchConfig(n_embd=32, n_layer=1, n_head=2, device="cpu")
+    raced = bench.race(cfg, 0, min_steps=3)  # no clock: the same steps for both
+    assert [steps for _, _, steps, _ in raced.values()] == [4, 4]  # 3 counted, 1 to warm up
+    with pytest.raises(ValueError):
+        bench.race(cfg, 0)  # neither seconds nor steps: no end
 
 
 def test_probe_trains_each_design_it_compares():
