@@ -221,11 +221,9 @@ def race(cfg, seconds, min_steps=0):
                               train=StreamLoader(paths["train"], tcfg.batch_size, span),
                               val=StreamLoader(paths["held-out"], tcfg.batch_size, span))
 
-        def spent(r):  # the share of its budget a run has used: the seconds, and the steps floor
-            steps = (len(r["times"]) - 1) / min_steps if min_steps else None
-            if not seconds:
-                return steps
-            return min(r["clock"] / seconds, steps) if min_steps else r["clock"] / seconds
+        def spent(r):  # the share of its budget a run has used: the seconds, the steps, or both
+            shares = [r["clock"] / seconds] if seconds else []
+            return min(shares + [(len(r["times"]) - 1) / min_steps] if min_steps else shares)
 
         done = 1  # a progress line per quarter of the race
         while any(spent(r) < 1 for r in runs.values()):
