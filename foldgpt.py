@@ -272,14 +272,24 @@ class Block(nn.Module):
             # learn to read them fastest. (Only where rows stay: else it would get no gradient.)
             self.evolve = nn.Parameter(torch.zeros(()))
         if config.n_mem:  # the keep score: which rows enter the memory (see FoldGPT.admit)
-            self.keep = nn.Linear(config.n_embd, 1, bias=True)
+            H = config.keep_hidden  # > 0: the score is an MLP of the row, not a linear map
+            self.keep_in = nn.Sequential(nn.Linear(config.n_embd, H), nn.GELU()) if H else None
+            self.keep = nn.Linear(H or config.n_embd, 1, bias=True)
+            self.keep_row_grad = config.keep_row_grad
         self.token_shift = config.token_shift
 
     def keep_score(self, x, head_only=False):
         """(B, T) keep scores of rows x (B, T, C): a row enters the memory when its score > 0.
-        head_only: the gradient stops at the keep head (the rows and ln_1 are not its to shape)."""
+        head_only: the gradient stops at the keep head (the rows and ln_1 are not its to shape);
+        else the share keep_row_grad of it reaches them."""
         x = self.ln_1(x)
-        return self.keep(x.detach() if head_only else x).squeeze(-1)
+        if head_only:
+            x = x.detach()
+        elif self.keep_row_grad != 1:  # the same rows, the gradient through them scaled
+            x = x.detach() + self.keep_row_grad * (x - x.detach())
+        if self.keep_in is not None:
+            x = self.keep_in(x)
+        return self.keep(x).squeeze(-1)
 
     def norm(self, x, prev=None):
         """ln_1 of rows x (B, T, C), and with token shift ln_1 of the K rows before each of them
@@ -350,6 +360,11 @@ class FoldGPTConfig:
     #                             False: from the row itself (at the first layer: its byte)
     keep_head_only: bool = False  # the gradient of how strongly memory rows are read stops at
     #                               the keep heads: the rows it reads are not the score's to shape
+    keep_row_grad: float = 1.0  # without keep_head_only, the share of the keep scores' gradient
+    #                             that reaches the rows they read (0.1: the score learns its
+    #                             own features, the rows stay the language model's)
+    keep_hidden: int = 0  # > 0: the keep head is an MLP with this many hidden units (GELU),
+    #                       which can pick by features a linear map of the row cannot
     admit_reinforce: float = 0.0  # in training, push each admission toward what lowered the loss
     #                               of the windows after it (REINFORCE); 0: no gradient to it.
     #                               Measured, it learns to admit everything (docs/retention.md)
@@ -414,6 +429,11 @@ class FoldGPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.keep_margin < 0:
             raise ValueError(f"keep_margin must be >= 0, got {self.keep_margin}")
+        if not 0.0 <= self.keep_row_grad <= 1.0:
+            raise ValueError(f"keep_row_grad must be in [0, 1], got {self.keep_row_grad}")
+        if self.keep_hidden < 0:
+            raise ValueError(f"keep_hidden must be >= 0 (0: a linear keep head), got "
+                             f"{self.keep_hidden}")
         if not 0.0 < self.keep_hard <= 1.0:
             raise ValueError(f"keep_hard must be in (0, 1], got {self.keep_hard}")
         if self.memory_heads and not 0 < self.memory_heads < self.n_head:

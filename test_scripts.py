@@ -511,6 +511,11 @@ BAD_INPUT = {
         "eval.py", f"--out_dir={out}", "--task=ppl"], "task must be passkey, bpb or memory"),
     "eval distances not numbers": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={out}", "--windows=1,x"], "--windows takes whole numbers"),
+    "eval ranking below zero": (lambda tmp, data, out: [
+        "eval.py", f"--out_dir={out}", "--keep_rank=-2"], "--keep_rank must be >= 0, or -1"),
+    "keep_row_grad above 1": (lambda tmp, data, out: [
+        "train.py", f"--data_dir={data}", "--keep_row_grad=2", f"--out_dir={tmp}"],
+        "keep_row_grad must be in [0, 1]"),
     # files that lie: damaged on purpose
     "token file cut short": (lambda tmp, data, out: [
         "train.py", f"--data_dir={damaged_data(data, tmp, cut=1)}", f"--out_dir={tmp}"],
@@ -1008,6 +1013,19 @@ def test_eval_runs_both_tasks_on_a_checkpoint(trained, tmp_path):
                     r"written in [0-3]$", lines[0])
     layers = [re.match(r" +(\d) +[0-3] / 3 +\d+\.\d$", t) for t in lines[2:4]]
     assert [m and m.group(1) for m in layers] == ["0", "1"]  # a line per layer
+
+
+def test_eval_ranks_the_memory_by_the_keep_rank_it_is_given(trained, capsys):
+    import eval as passkey
+    _, out, _ = trained
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["model_args"]["n_mem"] > 0
+    for given, expected in ((-1.0, ckpt["model_args"]["keep_rank"]), (1e-4, 1e-4), (0.0, 0.0)):
+        cfg = configure(passkey.EvalConfig(), [f"--out_dir={out}", f"--keep_rank={given}"])
+        _, models = passkey.load_models(cfg, "cpu")
+        assert [m.config.keep_rank for m in models.values()] == [expected] * 2
+        said = capsys.readouterr().out
+        assert ("ranks its rows with keep_rank" in said) == (given >= 0), said
 
 
 def test_eval_gives_two_baselines_of_one_block_a_column_each(trained, tmp_path):

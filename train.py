@@ -55,6 +55,8 @@ class TrainConfig:
     keep_head_only: bool = True  # the read's gradient to the keep scores stops at the keep heads
     keep_head_only_until: int = 400  # > 0, with keep_head_only: it holds for the steps before this
     #                                  one only, then the keep scores' gradients reach the rows
+    keep_row_grad: float = 1.0  # the share of those gradients that reaches the rows (1: all)
+    keep_hidden: int = 0  # > 0: the keep head is an MLP with this many hidden units
     admit_reinforce: float = 0.0  # REINFORCE on the memory's admissions: by the loss after them
     keep_supervise: float = 1.0  # teach the keep scores to pick where the data says a key is
     #                              (the built-in corpus marks it; on text without marks: nothing)
