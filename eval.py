@@ -84,8 +84,8 @@ class EvalConfig:
     windows: str = ""  # the distances to test, comma-separated ('' : 0, 1, 2, 4, ... max_windows)
     doc_windows: int = 64  # bpb: windows per document
     seed: int = 1337  # the keys, depths and haystacks; the same prompts for every model
-    keep_rank: float = -1.0  # >= 0: the memory ranks its rows by this keep_rank, not the
-    #                          checkpoint's (0: the oldest goes first; 1e-4: by score alone)
+    keep_rank: float = -1.0  # >= 0: the memory ranks its rows by this keep_rank, not as the
+    #                          checkpoint says (0: the oldest goes first; 1e-4: by score alone)
     device: str = "auto"
     csv: str = "eval.csv"  # the table as CSV; '' writes none
     plot: str = "eval.png"  # the curves as a PNG when matplotlib is installed; '' writes none
@@ -300,9 +300,9 @@ def load_models(cfg, device):
         cfg.out_dir, device)[1].eval())}
     if cfg.keep_rank >= 0 and model.config.n_mem:  # eval-time ranking (docs/retention.md, 26)
         print(f"the memory ranks its rows with keep_rank={cfg.keep_rank:g} (the checkpoint's: "
-              f"{model.config.keep_rank:g})")
+              f"{model.memory_rank():g})")
         for m in models.values():
-            m.config.keep_rank = cfg.keep_rank
+            m.config.keep_rank_eval = cfg.keep_rank
     paths = [p for p in cfg.baseline_dir.split(",") if p]
     twice = [p for p in paths if paths.count(p) > 1]
     if twice:

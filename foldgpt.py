@@ -380,6 +380,10 @@ class FoldGPTConfig:
     keep_rank: float = 0.0  # 0: a full memory lets its oldest row go; > 0: its lowest-ranked,
     #                         a row's rank being its keep score plus keep_rank for each row it
     #                         is newer, so a key outlasts the lesser rows let in after it
+    keep_rank_eval: float = -1.0  # out of training (eval, sampling): the keep_rank the memory
+    #                               ranks by; -1: keep_rank. Trained with 0.1 and ranked by score
+    #                               alone (1e-4) out of it, the far key holds better; trained by
+    #                               score alone, the copy was not learned (docs/retention.md, 26)
     keep_shared: bool = False  # every layer's memory lets in (and ranks) the rows the last
     #                            layer's keep score picks, the score that has read the most
     #                            context; False: each layer by its own score. With carry_kv,
@@ -429,6 +433,9 @@ class FoldGPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.keep_margin < 0:
             raise ValueError(f"keep_margin must be >= 0, got {self.keep_margin}")
+        if self.keep_rank < 0 or (self.keep_rank_eval < 0 and self.keep_rank_eval != -1):
+            raise ValueError(f"keep_rank must be >= 0 and keep_rank_eval >= 0 or -1 (as in "
+                             f"training), got {self.keep_rank:g} and {self.keep_rank_eval:g}")
         if not 0.0 <= self.keep_row_grad <= 1.0:
             raise ValueError(f"keep_row_grad must be in [0, 1], got {self.keep_row_grad}")
         if self.keep_hidden < 0:
@@ -799,7 +806,7 @@ class FoldGPT(nn.Module):
             up = self.config.keep_context  # the rows the scores read: the last C channels
             scored = pushed[..., -C:] if up else pushed[..., :C]  # (B, G, C)
             keep = self.admit(block, scored, window.logp if self.config.admit_reinforce else None)
-            if not self.config.keep_rank:
+            if not self.memory_rank():
                 return keep, None
             held = mem[..., -C:] if up else mem[..., :C]  # (B, M, C): the scores of [memory ;
             return keep, block.keep_score(torch.cat([held, scored], dim=1)).detach()  # pushed]
@@ -809,8 +816,8 @@ class FoldGPT(nn.Module):
         for l, (mem, pushed, recent) in enumerate(parts):
             if M:
                 keep, score = shared or choose(l)
-                if self.config.keep_rank:
-                    mem = self.remember_ranked(mem, pushed, keep, score, self.config.keep_rank)
+                if self.memory_rank():
+                    mem = self.remember_ranked(mem, pushed, keep, score, self.memory_rank())
                 else:
                     mem = self.remember(mem, pushed, keep)
             if window.context:
@@ -822,6 +829,12 @@ class FoldGPT(nn.Module):
         if context:
             return rows, torch.stack(context, dim=1)  # (B, L, S, C), (B, L, M, C)
         return (rows, None) if not window.kept else rows.split([C, rows.size(-1) - C], dim=-1)
+
+    def memory_rank(self):
+        """The keep_rank a full memory ranks its rows by: keep_rank in training, and out of it
+        keep_rank_eval where that is given (>= 0)."""
+        c = self.config
+        return c.keep_rank if self.training or c.keep_rank_eval < 0 else c.keep_rank_eval
 
     def admit(self, block, rows, logp=None):
         """(B, G): which rows (B, G, C) pushed out of the recent part enter the memory: score > 0;
@@ -1129,10 +1142,10 @@ class FoldGPT(nn.Module):
         first = M + w * W
         pushed = torch.arange(first, first + W, device=score.device).expand(B, W)
         keep = admitted[:, first:first + W]  # (B, W): those the memory lets in
-        if self.config.keep_rank:
+        if self.memory_rank():
             ranked = score.gather(1, torch.cat([held, pushed], dim=1))  # (B, M+W)
             return self.remember_ranked(held[..., None], pushed[..., None], keep, ranked,
-                                        self.config.keep_rank)[..., 0]
+                                        self.memory_rank())[..., 0]
         return self.remember(held[..., None], pushed[..., None], keep)[..., 0]
 
     @torch.no_grad()

@@ -25,10 +25,10 @@ RANKED = dict(keep_rank=0.1, memory_heads=1, **CONTEXT)  # a full memory lets it
 #                                                        row go; memory heads, rows evolving
 KEPT_CONTEXT = dict(carry_kv=True, keep_context=True, token_shift=3, **STAY)
 ALL_MEMORY = dict(carry_kv=True, n_state=8, n_mem=8)  # no recent rows: runs window by window
-SHARED = dict(keep_shared=True, keep_rank=0.1, memory_heads=1, keep_hidden=8, keep_row_grad=0.1,
-              **KEPT_CONTEXT)  # the last layer picks for all, by an MLP keep head that shapes
-#                                the rows a tenth as much; the first layer's first head reads
-#                                the memory
+SHARED = dict(keep_shared=True, keep_rank=0.1, keep_rank_eval=1e-4, memory_heads=1, keep_hidden=8,
+              keep_row_grad=0.1, **KEPT_CONTEXT)  # the last layer picks for all, by an MLP keep
+#                   head that shapes the rows a tenth as much; out of training the memory ranks
+#                   by score alone; the first layer's first head reads the memory
 CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY), CONTEXT, RANKED,
            KEPT_CONTEXT, ALL_MEMORY, SHARED]
 IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay", "context", "ranked",
@@ -813,8 +813,13 @@ def test_with_keep_rank_a_high_scored_row_outlasts_the_lesser_rows_let_in_after_
     idx = tokens(96)
     idx[idx == 30] = 2
     idx[:, 5] = 30  # the "key": scored highest, in the second window, once
-    for rank in (0.0, 0.1):
-        model = tiny(keep_rank=rank, **MEMORY)  # M = 6 memory rows, R = 4 recent rows, W = 4
+    # (keep_rank, keep_rank_eval): the model runs in eval mode, where keep_rank_eval, if
+    # given, ranks in keep_rank's place
+    for trained, ranked in ((0.0, -1.0), (0.1, -1.0), (0.0, 0.1), (0.1, 0.0)):
+        rank = trained if ranked < 0 else ranked
+        model = tiny(keep_rank=trained, keep_rank_eval=ranked, **MEMORY)  # M = 6, R = 4, W = 4
+        assert model.memory_rank() == rank and model.train().memory_rank() == trained
+        model.eval()
         first_layer_scores_by_token(model, kept_tokens, amount=1.5, best={30})
         model.state0[0, :6] = -model.transformer.h[0].keep.weight  # scored lowest: first out
         _, _, state = model(idx)

@@ -347,7 +347,9 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=0"])
     # and its real-text twin is the flags section 23 measured (out-mh1-1337, out-mh1-7,
     # out-mh1-3): section 16's (out-f8-*), keep_shared (section 18) and memory_heads, its two
-    # stages in one run under one cosine (near_iters; section 24: out-cos-1337, -7, -3)
+    # stages in one run under one cosine (near_iters; section 24: out-cos-1337, -7, -3), and
+    # the MLP keep heads with a tenth of their gradient to the rows, ranked by score out of
+    # training (section 26: out-g01-1337, -7, -3, evaluated with --keep_rank=0.0001)
     kvc = configure(train.TrainConfig(), [os.path.join(HERE, "config", "landmark_kv.py")])
     assert kvc == configure(train.TrainConfig(), [
         "--data_dir=data/prose", "--near_iters=1200", "--max_iters=2400",
@@ -355,7 +357,8 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--keep_context=True", "--bptt=16", "--batch_size=4", "--keep_supervise=1.0",
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
         "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=2",
-        "--keep_shared=True", "--memory_heads=1"])
+        "--keep_shared=True", "--memory_heads=1", "--keep_hidden=128", "--keep_row_grad=0.1",
+        "--keep_rank_eval=0.0001"])
 
 
 def test_config_file_sets_values_and_refuses_code(tmp_path):
@@ -1020,10 +1023,12 @@ def test_eval_ranks_the_memory_by_the_keep_rank_it_is_given(trained, capsys):
     _, out, _ = trained
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["model_args"]["n_mem"] > 0
+    assert ckpt["model_args"]["keep_rank_eval"] == -1  # as trained: keep_rank
     for given, expected in ((-1.0, ckpt["model_args"]["keep_rank"]), (1e-4, 1e-4), (0.0, 0.0)):
         cfg = configure(passkey.EvalConfig(), [f"--out_dir={out}", f"--keep_rank={given}"])
         _, models = passkey.load_models(cfg, "cpu")
-        assert [m.config.keep_rank for m in models.values()] == [expected] * 2
+        assert [m.memory_rank() for m in models.values()] == [expected] * 2
+        assert [m.train().memory_rank() for m in models.values()] == [0.1] * 2  # as trained
         said = capsys.readouterr().out
         assert ("ranks its rows with keep_rank" in said) == (given >= 0), said
 

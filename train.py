@@ -64,6 +64,8 @@ class TrainConfig:
     keep_margin: float = 0.0  # keep_supervise: marked scores above +this, the others below -this
     keep_rank: float = 0.1  # a full memory lets go its lowest-ranked row (score + this per row
     #                         newer), not its oldest; 0: its oldest
+    keep_rank_eval: float = -1.0  # out of training (eval, sample.py): the memory ranks by this
+    #                               keep_rank instead; -1: by keep_rank
     keep_shared: bool = False  # every layer's memory lets in what the last layer's score picks
     #                            (with carry_kv, training runs in joint waves of windows)
     memory_heads: int = 0  # of the first layer's heads, this many read only its memory rows,
