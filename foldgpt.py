@@ -785,6 +785,7 @@ class FoldGPT(nn.Module):
         recent; those pushed out enter the memory if admit lets them (see remember)."""
         window.settle()  # what sampling wrote into the rooms, if anything (step_one)
         C, M, L = self.config.n_embd, self.config.n_mem, self.config.n_layer
+        rank = self.memory_rank()  # 0: the oldest row goes first
         R = self.config.n_state - M
         layers = [torch.cat([recent, inputs], dim=1)  # per layer (B, R+W, C), the same positions
                   for recent, inputs in zip(window.recent, window.inputs)]
@@ -806,7 +807,7 @@ class FoldGPT(nn.Module):
             up = self.config.keep_context  # the rows the scores read: the last C channels
             scored = pushed[..., -C:] if up else pushed[..., :C]  # (B, G, C)
             keep = self.admit(block, scored, window.logp if self.config.admit_reinforce else None)
-            if not self.memory_rank():
+            if not rank:
                 return keep, None
             held = mem[..., -C:] if up else mem[..., :C]  # (B, M, C): the scores of [memory ;
             return keep, block.keep_score(torch.cat([held, scored], dim=1)).detach()  # pushed]
@@ -816,8 +817,8 @@ class FoldGPT(nn.Module):
         for l, (mem, pushed, recent) in enumerate(parts):
             if M:
                 keep, score = shared or choose(l)
-                if self.memory_rank():
-                    mem = self.remember_ranked(mem, pushed, keep, score, self.memory_rank())
+                if rank:
+                    mem = self.remember_ranked(mem, pushed, keep, score, rank)
                 else:
                     mem = self.remember(mem, pushed, keep)
             if window.context:
@@ -1142,10 +1143,11 @@ class FoldGPT(nn.Module):
         first = M + w * W
         pushed = torch.arange(first, first + W, device=score.device).expand(B, W)
         keep = admitted[:, first:first + W]  # (B, W): those the memory lets in
-        if self.memory_rank():
+        rank = self.memory_rank()
+        if rank:
             ranked = score.gather(1, torch.cat([held, pushed], dim=1))  # (B, M+W)
             return self.remember_ranked(held[..., None], pushed[..., None], keep, ranked,
-                                        self.memory_rank())[..., 0]
+                                        rank)[..., 0]
         return self.remember(held[..., None], pushed[..., None], keep)[..., 0]
 
     @torch.no_grad()
