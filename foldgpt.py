@@ -396,6 +396,11 @@ class FoldGPTConfig:
     #                        in one softmax, a number near the question outbids the key in the
     #                        memory (docs/retention.md, section 23); apart, both are read and the
     #                        layers above, which know the question, choose
+    memory_layers: int = 1  # with memory_heads, how many layers from the first up split their
+    #                         heads so. The first layer's memory head finds the key's first
+    #                         digit by the two bytes before it, which "key is" shares with the
+    #                         key's "k" ("pass key"); a memory head in each layer above, whose
+    #                         query knows more, tells them apart (docs/retention.md, section 27)
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
@@ -448,6 +453,9 @@ class FoldGPTConfig:
                              f"got {self.memory_heads}")
         if self.memory_heads and not self.n_mem:
             raise ValueError("memory_heads needs memory rows: give --n_mem > 0 (or -1)")
+        if not 1 <= self.memory_layers <= self.n_layer:
+            raise ValueError(f"memory_layers must be 1 to n_layer ({self.n_layer}), got "
+                             f"{self.memory_layers}")
 
 
 @dataclass
@@ -567,7 +575,8 @@ class FoldGPT(nn.Module):
         self.state0 = nn.Parameter(torch.zeros(config.n_layer, config.n_state, config.n_embd))
         self.apply(self._init_weights)
         nn.init.normal_(self.state0, mean=0.0, std=0.02)
-        self.transformer.h[0].attn.memory_heads = config.memory_heads
+        for block in self.transformer.h[:config.memory_layers]:
+            block.attn.memory_heads = config.memory_heads
         for block in self.transformer.h:
             if config.n_mem:  # at first every row enters the memory: it extends the recent rows
                 nn.init.constant_(block.keep.bias, config.keep_init)

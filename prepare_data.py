@@ -49,6 +49,9 @@ class PrepareConfig:
     unmarked: float = 0.0  # passkeys: share of documents in the passkey test's words (no '#')
     bait: float = 0.0  # passkeys: share of the questions in prose that come right after a fact
     #                    with a number in it (hard cases for the copy: it must pass over them)
+    lure: float = 0.0  # passkeys: share of the questions in prose that come right after a fact
+    #                    whose number repeats a digit or two of the key and then goes on otherwise
+    #                    (a copy from the window there writes the wrong next digit)
     adjacent: float = 0.0  # passkeys: share of the questions right after their key's statement,
     #                        nothing between (else at least 4 characters of haystack)
     val_fraction: float = 0.1  # --input and shakespeare: share of the tokens, from the end, for val
@@ -130,6 +133,23 @@ def distractor(rng):
     ])
 
 
+def lure_fact(rng, key):
+    """A fact whose number holds one or two of the key's digits in a row and then a digit that
+    differs from the key's next one: the question right after it tempts a copy from the window
+    ("The room number is 9167." before the question for the key 42918)."""
+    a = rng.randrange(len(key) - 1)  # where the shared digits begin in the key
+    b = min(a + rng.randint(1, 2), len(key) - 1)  # and end: key[b] is the digit to differ from
+    other = rng.choice([d for d in "0123456789" if d != key[b]])
+    head = "".join(rng.choice("123456789") for _ in range(rng.randint(0, 1)))
+    tail = "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 2)))
+    n = head + key[a:b] + other + tail
+    if n[0] == "0":  # no number begins with 0: a digit before it, so the key's digits stay
+        n = rng.choice("123456789") + n
+    return rng.choice([f"The {rng.choice(THINGS)} is {n}. ",
+                       f"{rng.choice(NAMES)}'s number is {n}. ",
+                       f"{n} of them at {rng.randint(1, 12)}. ", f"Room {n}. "])
+
+
 class Haystack:
     """Where a document's text between its keys comes from. 'filler': the five sentences above.
     Else real prose, read on from a random place, with a distractor sown in every 60 to 180
@@ -177,7 +197,8 @@ def question(marked=True):
     return KEY_QUESTION if marked else LANDMARK_QUESTION
 
 
-def passkey_document(rng, max_gap, rounds, haystack, marked=True, bait=0.0, adjacent=0.0):
+def passkey_document(rng, max_gap, rounds, haystack, marked=True, bait=0.0, adjacent=0.0,
+                     lure=0.0):
     """(text, recall spans). Rounds of: haystack, a key stated and said again after haystack of
     0 to 47 characters (so the repeat is a look-back by content, not at a fixed distance),
     haystack of a log-uniform length, the question. The gaps run from inside one window to far
@@ -203,6 +224,8 @@ def passkey_document(rng, max_gap, rounds, haystack, marked=True, bait=0.0, adja
             add(haystack.take(int(math.exp(rng.uniform(math.log(4), math.log(max_gap))))))
             if bait and haystack.text is not None and haystack.numbers and rng.random() < bait:
                 add(distractor(rng))  # a number just before the question, to pass over
+            elif lure and haystack.text is not None and haystack.numbers and rng.random() < lure:
+                add(lure_fact(rng, key))  # the key's digits, then others, just before it
         asked = question(marked) + ("" if marked else " ")
         add(f"{asked}{key}.\n", recall=len(asked))
     return "".join(parts), spans
@@ -238,7 +261,7 @@ def token_sizes(enc):
 
 
 def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=0.0, bait=0.0,
-                   adjacent=0.0):
+                   adjacent=0.0, lure=0.0):
     """(text, spans) documents of 1 to 8 rounds until `size` characters: a function of its
     arguments alone. A prose_share of them hide their keys in real prose with numbers sown in
     (the carried prose's `part`), the others in the filler sentences; `unmarked` of them say
@@ -254,7 +277,7 @@ def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=
         rounds = rng.randint(1, 8)
         docs.append(passkey_document(rng, max_gap, rounds, haystack,
                                      marked=unmarked == 0 or rng.random() >= unmarked,
-                                     bait=bait, adjacent=adjacent))
+                                     bait=bait, adjacent=adjacent, lure=lure))
         n += len(docs[-1][0])
     return docs
 
@@ -438,15 +461,18 @@ def prepare(cfg):
                                                    4 <= cfg.near_gap < cfg.max_gap):
             fail("--size must be >= 1, --max_gap >= 4, and --near_gap 0 (none) or from 4 to "
                  "below --max_gap")
-        if not all(0 <= v <= 1 for v in (cfg.prose, cfg.unmarked, cfg.bait, cfg.adjacent)):
-            fail("--prose, --unmarked, --bait and --adjacent are shares: give numbers from 0 to 1")
+        if not all(0 <= v <= 1 for v in (cfg.prose, cfg.unmarked, cfg.bait, cfg.adjacent,
+                                         cfg.lure)):
+            fail("--prose, --unmarked, --bait, --adjacent and --lure are shares: give numbers from "
+                 "0 to 1")
         name = "passkeys"
         source = (f"built-in passkey corpus, size={cfg.size} max_gap={cfg.max_gap} "
                   f"seed={cfg.seed} prose={cfg.prose} unmarked={cfg.unmarked}"
                   + (f" bait={cfg.bait}" if cfg.bait else "")
-                  + (f" adjacent={cfg.adjacent}" if cfg.adjacent else ""))
+                  + (f" adjacent={cfg.adjacent}" if cfg.adjacent else "")
+                  + (f" lure={cfg.lure}" if cfg.lure else ""))
         mix = dict(prose_share=cfg.prose, unmarked=cfg.unmarked, bait=cfg.bait,
-                   adjacent=cfg.adjacent)
+                   adjacent=cfg.adjacent, lure=cfg.lure)
         train_pieces = passkey_corpus(cfg.size, cfg.max_gap, cfg.seed, "train", **mix)
         val_pieces = passkey_corpus(cfg.size // 10, cfg.max_gap, cfg.seed + 1, "held-out", **mix)
         if cfg.near_gap:

@@ -21,8 +21,8 @@ SHIFT3 = dict(token_shift=3, **MEMORY)  # keys read 3 rows back, across memory a
 STAY = dict(n_state=12, n_mem=4)  # 4 memory rows and 8 recent rows: 4 stay through a window
 KEPT = dict(carry_kv=True, **SHIFT3)  # rows carried with the keys and values they were made with
 CONTEXT = dict(keep_context=True, **STAY)  # keep scores read from the rows one layer up
-RANKED = dict(keep_rank=0.1, memory_heads=1, **CONTEXT)  # a full memory lets its lowest-ranked
-#                                                        row go; memory heads, rows evolving
+RANKED = dict(keep_rank=0.1, memory_heads=1, memory_layers=2, **CONTEXT)  # a full memory lets
+#                   its lowest-ranked row go; memory heads in both layers, rows evolving
 KEPT_CONTEXT = dict(carry_kv=True, keep_context=True, token_shift=3, **STAY)
 ALL_MEMORY = dict(carry_kv=True, n_state=8, n_mem=8)  # no recent rows: runs window by window
 SHARED = dict(keep_shared=True, keep_rank=0.1, keep_rank_eval=1e-4, memory_heads=1, keep_hidden=8,
@@ -697,26 +697,32 @@ def test_with_keep_shared_every_layer_lets_in_what_the_last_layer_picks():
 @pytest.mark.parametrize("fast", [True, False], ids=["sdpa", "written out"])
 def test_memory_heads_read_only_the_memory_and_the_other_heads_never(fast):
     model = tiny(memory_heads=1, **KEPT)  # 2 heads of 8 channels; M = 6 memory rows of S = 10
-    attn, M = model.transformer.h[0].attn, 6
-    attn.fast = fast
-    attn.c_proj.weight.copy_(torch.eye(16))  # the heads' outputs side by side, as they are
+    both = tiny(memory_heads=1, memory_layers=2, **KEPT)  # the second layer's heads split too
+    M = 6
     x, bias = torch.randn(2, 4, 16), F.logsigmoid(torch.randn(2, M))
     k, v = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)  # (B, nh, P, hs): 10 carried rows
 
-    def heads(**moved):  # each head's output, some of the carried values moved
+    def heads(attn, **moved):  # each head's output, some of the carried values moved
+        attn.fast = fast
+        attn.c_proj.weight.copy_(torch.eye(16))  # the heads' outputs side by side, as they are
         moved_v = v.clone()
         for rows in moved.values():
             moved_v[:, :, rows] += 1.0
         y = attn(x, None, (k, moved_v), bias, 0)[0]  # (B, 4, 16), heads side by side
         return y.split(8, dim=-1)
 
-    still = heads()
-    memory, recent = heads(memory=slice(0, M)), heads(recent=slice(M, 10))
-    assert torch.allclose(memory[0], still[0] + 1.0, atol=1e-5)  # head 0 reads only the memory:
-    assert torch.allclose(recent[0], still[0])  # each of its weights on a memory row
-    assert torch.allclose(memory[1], still[1])  # head 1 never reads the memory ...
-    assert not torch.allclose(recent[1], still[1])  # ... but the recent rows (and tokens)
-    assert not model.transformer.h[1].attn.memory_heads  # the first layer's only
+    for attn in (model.transformer.h[0].attn, both.transformer.h[0].attn,
+                 both.transformer.h[1].attn):
+        still = heads(attn)
+        memory, recent = heads(attn, memory=slice(0, M)), heads(attn, recent=slice(M, 10))
+        assert torch.allclose(memory[0], still[0] + 1.0, atol=1e-5)  # head 0 reads only the
+        assert torch.allclose(recent[0], still[0])  # memory: each of its weights on a memory row
+        assert torch.allclose(memory[1], still[1])  # head 1 never reads the memory ...
+        assert not torch.allclose(recent[1], still[1])  # ... but the recent rows (and tokens)
+    unsplit = model.transformer.h[1].attn  # memory_layers=1: the first layer's only
+    assert not torch.allclose(heads(unsplit, recent=slice(M, 10))[0], heads(unsplit)[0])
+    with pytest.raises(ValueError, match="memory_layers"):
+        FoldGPTConfig(**{**TINY, **KEPT, "memory_heads": 1, "memory_layers": 3}).check()
     with pytest.raises(ValueError, match="memory_heads"):
         FoldGPTConfig(**{**TINY, **KEPT, "memory_heads": 2}).check()  # one head must read the rest
     with pytest.raises(ValueError, match="memory_heads"):

@@ -137,6 +137,31 @@ def test_bait_puts_a_fact_with_a_number_right_before_questions_in_prose():
     assert after_a_fact(0.5, 0.75) != after_a_fact(0.0, 0.75)
 
 
+def test_lure_puts_a_number_that_begins_as_the_key_goes_on_right_before_questions_in_prose():
+    """--lure: a share of the questions in prose come right after a fact whose number holds one
+    or two of the key's digits in a row and then a digit other than the key's next one, where a
+    copy from the window would go wrong; filler documents stay as they were."""
+    def lured(lure, prose_share=1.0):  # (questions right after a fact, questions, corpus)
+        docs = prepare_data.passkey_corpus(60_000, 1024, 5, "train", prose_share, 1.0,
+                                           lure=lure)
+        text = "".join(d for d, _ in docs)
+        return (len(re.findall(r"[^.]*\d[^.]*\. What is the pass key\?", text)),
+                text.count("What is the pass key?"), text, docs)
+
+    every, questions, text, docs = lured(1.0)
+    assert every == questions > 30 and lured(0.0)[0] < lured(0.0)[1] / 4
+    before = re.findall(r"(\d+)(?: of them at \d+)?\. What is the pass key\? The pass key is "
+                        r"(\d+)\.", text)
+    def lures(n, key):  # key[a:b], then a digit that is not key[b]
+        return any(key[a:b] + d in n for a in range(4) for b in range(a + 1, min(a + 2, 4) + 1)
+                   for d in "0123456789" if d != key[b])
+    assert len(before) == questions and all(lures(n, key) for n, key in before)
+    assert prepare_data.passkey_corpus(60_000, 1024, 5, "train", 0.0, 1.0, lure=1.0) == \
+        prepare_data.passkey_corpus(60_000, 1024, 5, "train", 0.0, 1.0)  # filler: no facts
+    assert lured(0.0, 0.75)[3] == prepare_data.passkey_corpus(60_000, 1024, 5, "train", 0.75,
+                                                              1.0)  # no lure: as before
+
+
 def test_adjacent_asks_a_share_of_the_keys_right_after_their_statement():
     """--adjacent: a share of the questions come right after their key's statement, as the
     eval's 0-window cell asks them; else at least 4 characters of haystack come between."""
@@ -443,6 +468,8 @@ BAD_INPUT = {
         "prepare_data.py", "--dataset=wiki", f"--out_dir={tmp}"], "unknown dataset 'wiki'"),
     "prose share above 1": (lambda tmp, data, out: [
         "prepare_data.py", "--prose=1.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
+    "lure above 1": (lambda tmp, data, out: [
+        "prepare_data.py", "--lure=1.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "bait below 0": (lambda tmp, data, out: [
         "prepare_data.py", "--bait=-0.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "data missing": (lambda tmp, data, out: [

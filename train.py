@@ -70,6 +70,7 @@ class TrainConfig:
     #                            (with carry_kv, training runs in joint waves of windows)
     memory_heads: int = 0  # of the first layer's heads, this many read only its memory rows,
     #                        the others only its recent rows and tokens; 0: every head reads all
+    memory_layers: int = 1  # layers, from the first up, whose heads memory_heads splits
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
     n_embd: int = 128  # C: channels
