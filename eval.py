@@ -41,8 +41,10 @@ reads N/2 to N tokens before it, or all before it in the document.
 --task=memory looks inside the memory when the question comes (the passkey task's prompts, at
 --windows, or --max_windows): per layer, in how many trials its memory still holds every token
 of the key's first statement, and how many other digits it holds; then, for the trials
-answered wrong, what each layer's memory holds, token by token. It is how a lost key is told
-from a key kept and misread (docs/retention.md, section 18).
+answered wrong, where the answer first goes wrong, what each layer's memory holds, token by
+token, and the text before the question, with a count of the wrong digits found in a number
+there. It is how a lost key is told from a key kept and misread (docs/retention.md, section
+18), and a misread from the memory from a copy of a number near the question (section 27).
 
     python eval.py --task=memory --trials=20 --windows=256
 """
@@ -464,6 +466,16 @@ def memory_positions(model, ids):
     return held
 
 
+def where_wrong(key, written, before):
+    """Where a wrong answer goes wrong: (the index of its first wrong digit, that digit or ''
+    where it stops short, whether the digit is in one of the numbers of `before`, the text just
+    before the question). A copy from the window writes the next digit of such a number."""
+    key, got = str(key), re.match(r"\s*#?(\d*)", written).group(1)
+    at = next((i for i, (a, b) in enumerate(zip(key, got)) if a != b), min(len(key), len(got)))
+    digit = got[at] if at < len(got) else ""
+    return at, digit, bool(digit) and any(digit in n for n in re.findall(r"\d+", before))
+
+
 def memory_task(cfg, ckpt, models, device):
     model, enc = models["FoldGPT"], get_tokenizer(ckpt["meta"]["tokenizer"])
     c, W = model.config, model.config.window
@@ -497,19 +509,28 @@ def memory_task(cfg, ckpt, models, device):
             written = enc.decode(out[b])
             found += score(written, key)
             if not score(written, key):
+                asked = "".join(pieces)[:-len(question(marked))]  # all before the question
                 wrong.append((key, written, ["".join("." if i < 0 else pieces[i] for i in
-                                                     held[b][l]) for l in range(c.n_layer)]))
+                                                     held[b][l]) for l in range(c.n_layer)],
+                              where_wrong(key, written, asked[-160:]), asked[-60:]))
         print(f"memory at the question, {w} windows ({ids.size(1):,} tokens), {cfg.trials} "
               f"trials: the key written in {found}")
         print(f"{'layer':>7}  {'holds the key':>14}  {'digits of other numbers held (mean)':>36}")
         for l in range(c.n_layer):
             print(f"{l:>7}  {holds[l]:>8} / {cfg.trials:<3}  {others[l] / cfg.trials:>36.1f}")
         if wrong:
-            print("wrong answers, and what each layer's memory holds ('.': an initial row):")
-        for key, written, lines in wrong[:8]:
-            print(f"  key {key}, wrote {written.strip()[:12]!r}")
+            first = sum(w[3][0] == 0 for w in wrong)
+            near = sum(w[3][2] for w in wrong)
+            print(f"of the {len(wrong)} wrong answers, {first} go wrong at the first digit and "
+                  f"{len(wrong) - first} later; in {near} the wrong digit is in a number of the "
+                  "160 characters before the question")
+            print("wrong answers, what each layer's memory holds ('.': an initial row), and "
+                  "the text before the question:")
+        for key, written, lines, (at, digit, _), before in wrong[:8]:
+            print(f"  key {key}, wrote {written.strip()[:12]!r} (digit {at + 1} wrong)")
             for l, line in enumerate(lines):
                 print(f"    layer {l}: {line!r}")
+            print(f"    before the question: {before!r}")
     return None
 
 

@@ -1043,6 +1043,26 @@ def test_eval_runs_both_tasks_on_a_checkpoint(trained, tmp_path):
                     r"written in [0-3]$", lines[0])
     layers = [re.match(r" +(\d) +[0-3] / 3 +\d+\.\d$", t) for t in lines[2:4]]
     assert [m and m.group(1) for m in layers] == ["0", "1"]  # a line per layer
+    right = int(lines[0].split()[-1])
+    misses = [re.match(r"of the (\d) wrong answers, (\d) go wrong at the first digit and (\d) "
+                       r"later; in (\d) the wrong digit is in a number of the 160 characters "
+                       r"before the question$", t) for t in lines]
+    misses = [m for m in misses if m]
+    assert len(misses) == (right < 3)  # a summary where an answer is wrong
+    if misses:
+        wrong, first, later, near = (int(g) for g in misses[0].groups())
+        assert wrong == 3 - right and first + later == wrong and near <= wrong
+        assert sum("before the question: " in t for t in lines) == wrong
+
+
+def test_where_wrong_finds_the_first_wrong_digit_and_a_number_near_the_question_it_came_from():
+    import eval as passkey
+    before = "The room number is 9167. And strays about to find "
+    assert passkey.where_wrong(42918, " 42916.", before) == (4, "6", True)  # "91" went on: 6
+    assert passkey.where_wrong(42918, " 52918.", before) == (0, "5", False)  # no 5 near
+    assert passkey.where_wrong(42918, " 429.", before) == (3, "", False)  # stopped short
+    assert passkey.where_wrong(42918, " I will not", before) == (0, "", False)  # no number
+    assert passkey.where_wrong(42918, " #42718", "") == (2, "7", False)  # marked; none near
 
 
 def test_eval_ranks_the_memory_by_the_keep_rank_it_is_given(trained, capsys):
