@@ -397,10 +397,9 @@ class FoldGPTConfig:
     #                        memory (docs/retention.md, section 23); apart, both are read and the
     #                        layers above, which know the question, choose
     memory_layers: int = 1  # with memory_heads, how many layers from the first up split their
-    #                         heads so. The first layer's memory head finds the key's first
-    #                         digit by the two bytes before it, which "key is" shares with the
-    #                         key's "k" ("pass key"); a memory head in each layer above, whose
-    #                         query knows more, tells them apart (docs/retention.md, section 27)
+    #                         heads so, each with a memory head whose query has read more than
+    #                         two bytes (4: no gain over 1 in two seeds, and one seed never
+    #                         learned the copy; docs/retention.md, section 27)
     n_layer: int = 4  # L: blocks = time steps of evolution per window
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # C: channels of every token state
