@@ -509,10 +509,10 @@ def memory_task(cfg, ckpt, models, device):
             written = enc.decode(out[b])
             found += score(written, key)
             if not score(written, key):
-                asked = "".join(pieces)[:-len(question(marked))]  # all before the question
+                before = "".join(pieces)[:-len(question(marked))][-160:]  # the question's
                 wrong.append((key, written, ["".join("." if i < 0 else pieces[i] for i in
                                                      held[b][l]) for l in range(c.n_layer)],
-                              where_wrong(key, written, asked[-160:]), asked[-60:]))
+                              where_wrong(key, written, before), before))  # 160 before it
         print(f"memory at the question, {w} windows ({ids.size(1):,} tokens), {cfg.trials} "
               f"trials: the key written in {found}")
         print(f"{'layer':>7}  {'holds the key':>14}  {'digits of other numbers held (mean)':>36}")
@@ -526,7 +526,7 @@ def memory_task(cfg, ckpt, models, device):
                   "160 characters before the question")
             print("wrong answers, what each layer's memory holds ('.': an initial row), and "
                   "the text before the question:")
-        for key, written, lines, (at, digit, _), before in wrong[:8]:
+        for key, written, lines, (at, _, _), before in wrong[:8]:
             print(f"  key {key}, wrote {written.strip()[:12]!r} (digit {at + 1} wrong)")
             for l, line in enumerate(lines):
                 print(f"    layer {l}: {line!r}")
