@@ -54,6 +54,9 @@ class PrepareConfig:
     #                    (a copy from the window there writes the wrong next digit)
     adjacent: float = 0.0  # passkeys: share of the questions right after their key's statement,
     #                        nothing between (else at least 4 characters of haystack)
+    ask: float = 0.0  # passkeys: share of the facts sown in prose that a question asks for again
+    #                   within 64 characters ("What is the door code? The door code is 4170."):
+    #                   the copy learns to follow its question's words, not any "is <number>"
     val_fraction: float = 0.1  # --input and shakespeare: share of the tokens, from the end, for val
     workers: int = 1  # processes that tokenize pieces side by side (the output is the same)
     piece_mb: float = 4.0  # --input: size of the pieces read and tokenized one at a time
@@ -150,13 +153,29 @@ def lure_fact(rng, key):
                        f"{n} of them at {rng.randint(1, 12)}. ", f"Room {n}. "])
 
 
+def fact_question(fact):
+    """The question that asks for a fact's number again, in the pass key's words, with its
+    answer: "The door code is 4170. " -> "What is the door code? The door code is 4170.\n";
+    "Kate's number is 88. " -> "What is Kate's number? Kate's number is 88.\n". None for a
+    fact of another shape."""
+    m = re.fullmatch(r"The (.+) is (\d+)\. ", fact)
+    if m:
+        return f"What is the {m[1]}? The {m[1]} is {m[2]}.\n"
+    m = re.fullmatch(r"(\w+)'s number is (\d+)\. ", fact)
+    if m:
+        return f"What is {m[1]}'s number? {m[1]}'s number is {m[2]}.\n"
+    return None
+
+
 class Haystack:
     """Where a document's text between its keys comes from. 'filler': the five sentences above.
     Else real prose, read on from a random place, with a distractor sown in every 60 to 180
-    characters (numbers=False: the prose as it is)."""
+    characters (numbers=False: the prose as it is). ask: the share of those facts, of the two
+    shapes fact_question knows, that a question asks for again 0 to 64 characters later."""
 
-    def __init__(self, rng, text=None, numbers=True):
-        self.rng, self.text, self.numbers = rng, text, numbers
+    def __init__(self, rng, text=None, numbers=True, ask=0.0):
+        self.rng, self.text, self.numbers, self.ask = rng, text, numbers, ask
+        self.pending, self.ask_in = None, 0  # a question still to ask, and in how many characters
         if text is not None:
             self.at = rng.randrange(len(text))
             self.next_fact = rng.randint(60, 180)
@@ -169,13 +188,20 @@ class Haystack:
         while n < length or (out and not out[-1][-1].isspace()):
             if self.at >= len(self.text):
                 self.at = 0  # the text goes round
-            if self.numbers and self.next_fact <= 0 and out and out[-1][-1].isspace():
+            if self.pending and self.ask_in <= 0 and out and out[-1][-1].isspace():
+                out.append(self.pending)  # the question, its answer the fact's number
+                self.pending = None
+            elif self.numbers and self.next_fact <= 0 and out and out[-1][-1].isspace():
                 out.append(distractor(self.rng))
                 self.next_fact = self.rng.randint(60, 180)
+                # (a share of 0 draws nothing: the haystack is what it was before --ask)
+                if self.ask and not self.pending and self.rng.random() < self.ask:
+                    self.pending, self.ask_in = fact_question(out[-1]), self.rng.randint(0, 64)
             else:
                 out.append(self.text[self.at])
                 self.at += 1
                 self.next_fact -= 1
+                self.ask_in -= 1
             n += len(out[-1])
         return "".join(out)
 
@@ -261,19 +287,20 @@ def token_sizes(enc):
 
 
 def passkey_corpus(size, max_gap, seed, part="train", prose_share=0.0, unmarked=0.0, bait=0.0,
-                   adjacent=0.0, lure=0.0):
+                   adjacent=0.0, lure=0.0, ask=0.0):
     """(text, spans) documents of 1 to 8 rounds until `size` characters: a function of its
     arguments alone. A prose_share of them hide their keys in real prose with numbers sown in
     (the carried prose's `part`), the others in the filler sentences; `unmarked` of them say
     their keys in the passkey test's own words, the others with '#'; an `adjacent` share of
     the questions come right after their key's statement, and in prose a `bait` share of the
-    others right after a fact with a number."""
+    others right after a fact with a number; an `ask` share of the prose's facts are asked for
+    again close by (see Haystack)."""
     rng, docs, n = random.Random(seed), [], 0
     text = prose(part) if prose_share > 0 else None
     while n < size:
         # A share of 0 draws nothing, so the filler-only corpus is what it was before shares.
         real = prose_share > 0 and rng.random() < prose_share
-        haystack = Haystack(rng, text if real else None)
+        haystack = Haystack(rng, text if real else None, ask=ask)
         rounds = rng.randint(1, 8)
         docs.append(passkey_document(rng, max_gap, rounds, haystack,
                                      marked=unmarked == 0 or rng.random() >= unmarked,
@@ -462,17 +489,18 @@ def prepare(cfg):
             fail("--size must be >= 1, --max_gap >= 4, and --near_gap 0 (none) or from 4 to "
                  "below --max_gap")
         if not all(0 <= v <= 1 for v in (cfg.prose, cfg.unmarked, cfg.bait, cfg.adjacent,
-                                         cfg.lure)):
-            fail("--prose, --unmarked, --bait, --adjacent and --lure are shares: give numbers from "
-                 "0 to 1")
+                                         cfg.lure, cfg.ask)):
+            fail("--prose, --unmarked, --bait, --adjacent, --lure and --ask are shares: give "
+                 "numbers from 0 to 1")
         name = "passkeys"
         source = (f"built-in passkey corpus, size={cfg.size} max_gap={cfg.max_gap} "
                   f"seed={cfg.seed} prose={cfg.prose} unmarked={cfg.unmarked}"
                   + (f" bait={cfg.bait}" if cfg.bait else "")
                   + (f" adjacent={cfg.adjacent}" if cfg.adjacent else "")
-                  + (f" lure={cfg.lure}" if cfg.lure else ""))
+                  + (f" lure={cfg.lure}" if cfg.lure else "")
+                  + (f" ask={cfg.ask}" if cfg.ask else ""))
         mix = dict(prose_share=cfg.prose, unmarked=cfg.unmarked, bait=cfg.bait,
-                   adjacent=cfg.adjacent, lure=cfg.lure)
+                   adjacent=cfg.adjacent, lure=cfg.lure, ask=cfg.ask)
         train_pieces = passkey_corpus(cfg.size, cfg.max_gap, cfg.seed, "train", **mix)
         val_pieces = passkey_corpus(cfg.size // 10, cfg.max_gap, cfg.seed + 1, "held-out", **mix)
         if cfg.near_gap:

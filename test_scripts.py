@@ -162,6 +162,40 @@ def test_lure_puts_a_number_that_begins_as_the_key_goes_on_right_before_question
                                                               1.0)  # no lure: as before
 
 
+def test_ask_asks_for_facts_again_close_by_in_their_own_words():
+    """--ask: a share of the facts sown in prose are asked for again within 64 characters of
+    prose, in the pass key's words with the fact's own noun, so that a copy must follow its
+    question's words; such questions are never marked as a key, and a share of 0 leaves the
+    haystack as it was."""
+    import random
+    assert prepare_data.fact_question("The door code is 4170. ") == \
+        "What is the door code? The door code is 4170.\n"
+    assert prepare_data.fact_question("Kate's number is 88. ") == \
+        "What is Kate's number? Kate's number is 88.\n"
+    assert prepare_data.fact_question("Room 12. ") is None
+    assert prepare_data.fact_question("Kate paid 1,200 crowns on 3 May 1500. ") is None
+    text = prepare_data.prose("held-out")
+    asked = prepare_data.Haystack(random.Random(3), text, ask=1.0).take(30_000)
+    facts = re.findall(r"(?:The [a-z' ]+|[A-Z]\w+'s number) is \d+\. ", asked)
+    questions = re.findall(r"What is (?:the )?([^?]+)\? ((?:The )?\1 is \d+)\.\n", asked)
+    facts = [f for f in facts if not f.startswith("What")]
+    assert len(questions) > 30 and len(questions) >= 0.8 * len(facts)
+    for noun, answer in questions:  # each question comes after its fact, close by
+        q = asked.index(f"{answer}.\n")
+        fact = asked.rindex(f"{answer}. ", 0, q)
+        between = re.sub(r"[^.]*\d[^.]*\. ", "", asked[fact + len(answer) + 2:q])  # prose only
+        assert len(between) <= 64 + 20 + len("What is the ") + len(noun)
+    assert not prepare_data.KEY_SAID.search(asked)  # the keep scores are taught pass keys only
+    plain = prepare_data.Haystack(random.Random(3), text).take(30_000)
+    assert prepare_data.Haystack(random.Random(3), text, ask=0.0).take(30_000) == plain
+    assert not re.search(r"What is (?:the )?([^?]+)\? (?:The )?\1 is \d+\.\n", plain)
+    docs = prepare_data.passkey_corpus(60_000, 1024, 5, "train", 0.75, 1.0, ask=1.0)
+    every = "".join(d for d, _ in docs)
+    assert len(re.findall(r"What is (?:the (?!pass key)[a-z' ]+|\w+'s number)\?", every)) > 10
+    for doc, spans in docs:  # the recall marks stay on the pass keys' digits
+        assert all(re.fullmatch(r"\d{5}", doc[a:b]) for a, b in spans)
+
+
 def test_adjacent_asks_a_share_of_the_keys_right_after_their_statement():
     """--adjacent: a share of the questions come right after their key's statement, as the
     eval's 0-window cell asks them; else at least 4 characters of haystack come between."""
@@ -374,7 +408,8 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
     # out-mh1-3): section 16's (out-f8-*), keep_shared (section 18) and memory_heads, its two
     # stages in one run under one cosine (near_iters; section 24: out-cos-1337, -7, -3), and
     # the MLP keep heads with a tenth of their gradient to the rows, ranked by score out of
-    # training (section 26: out-g01-1337, -7, -3, evaluated with --keep_rank=0.0001)
+    # training (section 26: out-g01-1337, -7, -3, evaluated with --keep_rank=0.0001), and 48
+    # memory rows of 112 carried (section 28: out-m48-3, -11, -1337, -7, -5, -13)
     kvc = configure(train.TrainConfig(), [os.path.join(HERE, "config", "landmark_kv.py")])
     assert kvc == configure(train.TrainConfig(), [
         "--data_dir=data/prose", "--near_iters=1200", "--max_iters=2400",
@@ -383,7 +418,7 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
         "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=2",
         "--keep_shared=True", "--memory_heads=1", "--keep_hidden=128", "--keep_row_grad=0.1",
-        "--keep_rank_eval=0.0001"])
+        "--keep_rank_eval=0.0001", "--n_state=112", "--n_mem=48"])
 
 
 def test_config_file_sets_values_and_refuses_code(tmp_path):
@@ -470,6 +505,8 @@ BAD_INPUT = {
         "prepare_data.py", "--prose=1.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "lure above 1": (lambda tmp, data, out: [
         "prepare_data.py", "--lure=1.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
+    "ask below 0": (lambda tmp, data, out: [
+        "prepare_data.py", "--ask=-0.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "bait below 0": (lambda tmp, data, out: [
         "prepare_data.py", "--bait=-0.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "data missing": (lambda tmp, data, out: [
