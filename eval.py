@@ -86,6 +86,9 @@ class EvalConfig:
     windows: str = ""  # the distances to test, comma-separated ('' : 0, 1, 2, 4, ... max_windows)
     doc_windows: int = 64  # bpb: windows per document
     seed: int = 1337  # the keys, depths and haystacks; the same prompts for every model
+    alignments: int = 1  # a cell's prompts in this many batches, each padded to its own length,
+    #                      so the questions end at as many places in their window (1: one place
+    #                      for the whole cell, as every table before session 30 was measured)
     keep_rank: float = -1.0  # >= 0: the memory ranks its rows by this keep_rank, not as the
     #                          checkpoint says (0: the oldest goes first; 1e-4: by score alone)
     device: str = "auto"
@@ -134,19 +137,35 @@ def make_prompt(enc, key, depth, gap, hay, marked=False):
             + enc.encode_ordinary(question(marked)))
 
 
-def make_batch(enc, trials, gap, window, rng, text=None, numbers=True, marked=False):
+def make_batch(enc, trials, gap, window, rng, text=None, numbers=True, marked=False,
+               end_at=None):
     """(keys, ids (trials, P)) for one distance; text: the haystack's text, None for filler.
     Prompts of one batch must be equally long: the shorter ones begin with the end of an
     earlier document of the same haystack and <|endoftext|>, which is how documents follow
-    each other in the training stream."""
+    each other in the training stream. end_at: pad them a little more, so that every question
+    of the batch ends that many tokens into its window (mod window; None: where it falls)."""
     keys = [rng.randrange(10000, 100000) for _ in range(trials)]
     prompts = [make_prompt(enc, k, rng.randrange(4 * window + 1), gap,
                            Haystack(random.Random(rng.random()), text, numbers), marked)
                for k in keys]
     longest = max(len(p) for p in prompts)
+    if end_at is not None:  # a row is longest + 1 tokens (<|endoftext|>)
+        longest += (end_at - longest - 1) % window
     lead = hay_tokens(enc, Haystack(random.Random(rng.random()), text, numbers), longest)
     rows = [lead[len(lead) - (longest - len(p)):] + [enc.eot_token] + p for p in prompts]
     return keys, torch.tensor(rows, dtype=torch.long)
+
+
+def cell_batches(enc, trials, gap, window, rng, text, numbers, marked, alignments=1):
+    """A cell's prompts as [(keys, ids)]: one batch (make_batch), or `alignments` batches whose
+    questions end window / alignments tokens apart in their window, at that many places. A batch is padded to one length, so its questions all end at one
+    place; where the key then falls among the recent rows, and which of its tokens have
+    entered the memory, is the same for all of them (docs/retention.md, section 28)."""
+    if alignments <= 1:
+        return [make_batch(enc, trials, gap, window, rng, text, numbers, marked)]
+    sizes = [trials // alignments + (j < trials % alignments) for j in range(alignments)]
+    return [make_batch(enc, n, gap, window, rng, text, numbers, marked,
+                       end_at=j * window // alignments) for j, n in enumerate(sizes) if n]
 
 
 def answer(text):
@@ -339,7 +358,9 @@ def passkey_task(cfg, ckpt, models, device):
         windows = [w for w in [0] + [2 ** i for i in range(cfg.max_windows.bit_length())]
                    if w <= cfg.max_windows]
     hay = cfg.haystack + (" with numbers sown in" if text is not None and cfg.numbers else "")
-    title = (f"{cfg.trials} trials per cell, greedy; haystack {hay}; {cfg.wording} wording; "
+    title = (f"{cfg.trials} trials per cell" + (f" in {cfg.alignments} alignments"
+                                                  if cfg.alignments > 1 else "")
+             + f", greedy; haystack {hay}; {cfg.wording} wording; "
              f"{cfg.out_dir}: W={W} S={c.n_state} (memory {c.n_mem}) L={c.n_layer}")
     print("pass-key retrieval, " + title)
     if c.n_mem and c.keep_shared:
@@ -357,10 +378,13 @@ def passkey_task(cfg, ckpt, models, device):
         print(describe_memory(model, enc, text, cfg.numbers, marked, W))
     rng, table, t0 = random.Random(cfg.seed), {}, time.time()
     for w in windows:
-        keys, ids = make_batch(enc, cfg.trials, w * W, W, rng, text, cfg.numbers, marked)
+        batches = cell_batches(enc, cfg.trials, w * W, W, rng, text, cfg.numbers, marked,
+                               cfg.alignments)
+        ids = batches[0][1]
         table[w] = {}
         for name, m in models.items():
-            table[w][name] = accuracy(m, enc, keys, ids, device)
+            table[w][name] = sum(accuracy(m, enc, k, i, device) * len(k)
+                                 for k, i in batches) / cfg.trials
             print(f"\r  {w:>4} windows ({ids.size(1):,} tokens): {name} "
                   f"{100 * table[w][name]:3.0f}%  [{time.time() - t0:.0f} s]" + " " * 10,
                   end="", file=sys.stderr, flush=True)
@@ -537,6 +561,8 @@ def memory_task(cfg, ckpt, models, device):
 def main(cfg):
     if cfg.trials < 1 or cfg.max_windows < 0:
         fail("--trials must be >= 1 and --max_windows >= 0")
+    if not 1 <= cfg.alignments <= cfg.trials:
+        fail(f"--alignments must be from 1 to --trials ({cfg.trials}), got {cfg.alignments}")
     if cfg.keep_rank < 0 and cfg.keep_rank != -1:
         fail(f"--keep_rank must be >= 0, or -1 for the checkpoint's, got {cfg.keep_rank:g}")
     tasks = {"passkey": passkey_task, "bpb": bpb_task, "memory": memory_task}

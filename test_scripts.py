@@ -578,6 +578,9 @@ BAD_INPUT = {
         "eval.py", f"--out_dir={out}", "--task=ppl"], "task must be passkey, bpb or memory"),
     "eval distances not numbers": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={out}", "--windows=1,x"], "--windows takes whole numbers"),
+    "alignments above trials": (lambda tmp, data, out: [
+        "eval.py", f"--out_dir={out}", "--trials=4", "--alignments=5"],
+        "--alignments must be from 1 to --trials"),
     "eval ranking below zero": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={out}", "--keep_rank=-2"], "--keep_rank must be >= 0, or -1"),
     "keep_row_grad above 1": (lambda tmp, data, out: [
@@ -976,6 +979,26 @@ def test_eval_prompts_hold_one_key_at_the_asked_distance(haystack, marked):
         if haystack == "prose":  # held-out text, with numbers sown in
             assert re.search(r"\d", between.replace(str(key), "")) or len(between) < 180
             assert not set(prepare_data.FILLER) & set(re.split(r"(?<=\. )", between))
+
+
+def test_alignments_end_a_cells_questions_at_that_many_places_in_their_window():
+    """--alignments=K: a cell's prompts come in K batches whose questions end W/K tokens apart
+    in their window (a batch, padded to one length, ends them all at one place); K=1 is the one
+    batch make_batch gives."""
+    import random
+    import eval as passkey
+    enc = prepare_data.get_tokenizer("byte")
+    text = passkey.haystack_text("prose")
+    one = passkey.cell_batches(enc, 8, 64, 8, random.Random(3), text, True, False, 1)
+    keys, ids = passkey.make_batch(enc, 8, 64, 8, random.Random(3), text, True, False)
+    assert len(one) == 1 and one[0][0] == keys and torch.equal(one[0][1], ids)
+    four = passkey.cell_batches(enc, 10, 64, 8, random.Random(3), text, True, False, 4)
+    assert [len(k) for k, _ in four] == [3, 3, 2, 2]
+    assert [i.size(1) % 8 for _, i in four] == [0, 2, 4, 6]  # the questions end 2 apart
+    for k, i in four:
+        for key, row in zip(k, i.tolist()):
+            prompt = enc.decode(row)
+            assert prompt.endswith(prepare_data.question(False)) and prompt.count(str(key)) == 2
 
 
 def test_the_kjv_and_a_folder_of_text_make_haystacks(tmp_path, monkeypatch, capsys):
