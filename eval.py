@@ -158,9 +158,10 @@ def make_batch(enc, trials, gap, window, rng, text=None, numbers=True, marked=Fa
 
 def cell_batches(enc, trials, gap, window, rng, text, numbers, marked, alignments=1):
     """A cell's prompts as [(keys, ids)]: one batch (make_batch), or `alignments` batches whose
-    questions end window / alignments tokens apart in their window, at that many places. A batch is padded to one length, so its questions all end at one
-    place; where the key then falls among the recent rows, and which of its tokens have
-    entered the memory, is the same for all of them (docs/retention.md, section 28)."""
+    questions end window / alignments tokens apart in their window, at that many places. A
+    batch is padded to one length, so its questions all end at one place; where the key then
+    falls among the recent rows, and which of its tokens have entered the memory, is the same
+    for all of them (docs/retention.md, section 28)."""
     if alignments <= 1:
         return [make_batch(enc, trials, gap, window, rng, text, numbers, marked)]
     sizes = [trials // alignments + (j < trials % alignments) for j in range(alignments)]
