@@ -23,7 +23,11 @@ the number it writes is the key, exactly.
 
 The distance is the haystack between the key and the question, in windows of W tokens: 0, 1,
 2, 4, ... up to --max_windows. The key's depth varies from trial to trial: 0 to 4 windows of
-haystack before it, so it falls at every offset inside a window. The columns:
+haystack before it, so it falls at every offset inside a window; and the question's place in
+its window: a cell's prompts come in --alignments batches (5), each padded to one length with
+the end of an earlier document, so that their questions end at five places in the window
+(with --alignments=1 every question of a cell ends at one place: a cell is then one case
+fifty times, docs/retention.md, section 28). The columns:
   FoldGPT       the checkpoint in --out_dir, carrying its state
   state off     the same checkpoint with its state reset to the initial state at every window
   GPT block N   each checkpoint in --baseline_dir trained with n_state=0: a plain GPT that
@@ -86,9 +90,10 @@ class EvalConfig:
     windows: str = ""  # the distances to test, comma-separated ('' : 0, 1, 2, 4, ... max_windows)
     doc_windows: int = 64  # bpb: windows per document
     seed: int = 1337  # the keys, depths and haystacks; the same prompts for every model
-    alignments: int = 1  # a cell's prompts in this many batches, each padded to its own length,
-    #                      so the questions end at as many places in their window (1: one place
-    #                      for the whole cell, as every table before session 30 was measured)
+    alignments: int = 5  # a cell's prompts in this many batches (at most --trials), each padded
+    #                      to its own length, so the questions end at as many places in their
+    #                      window (1: one place for the whole cell, as every table before session
+    #                      31 was measured)
     keep_rank: float = -1.0  # >= 0: the memory ranks its rows by this keep_rank, not as the
     #                          checkpoint says (0: the oldest goes first; 1e-4: by score alone)
     device: str = "auto"
@@ -359,8 +364,9 @@ def passkey_task(cfg, ckpt, models, device):
         windows = [w for w in [0] + [2 ** i for i in range(cfg.max_windows.bit_length())]
                    if w <= cfg.max_windows]
     hay = cfg.haystack + (" with numbers sown in" if text is not None and cfg.numbers else "")
-    title = (f"{cfg.trials} trials per cell" + (f" in {cfg.alignments} alignments"
-                                                  if cfg.alignments > 1 else "")
+    alignments = min(cfg.alignments, cfg.trials)
+    title = (f"{cfg.trials} trials per cell" + (f" in {alignments} alignments"
+                                                  if alignments > 1 else "")
              + f", greedy; haystack {hay}; {cfg.wording} wording; "
              f"{cfg.out_dir}: W={W} S={c.n_state} (memory {c.n_mem}) L={c.n_layer}")
     print("pass-key retrieval, " + title)
@@ -380,7 +386,7 @@ def passkey_task(cfg, ckpt, models, device):
     rng, table, t0 = random.Random(cfg.seed), {}, time.time()
     for w in windows:
         batches = cell_batches(enc, cfg.trials, w * W, W, rng, text, cfg.numbers, marked,
-                               cfg.alignments)
+                               alignments)
         ids = batches[0][1]
         table[w] = {}
         for name, m in models.items():
@@ -562,8 +568,9 @@ def memory_task(cfg, ckpt, models, device):
 def main(cfg):
     if cfg.trials < 1 or cfg.max_windows < 0:
         fail("--trials must be >= 1 and --max_windows >= 0")
-    if not 1 <= cfg.alignments <= cfg.trials:
-        fail(f"--alignments must be from 1 to --trials ({cfg.trials}), got {cfg.alignments}")
+    if cfg.alignments < 1:
+        fail(f"--alignments must be >= 1 (1: every question of a cell at one place in its "
+             f"window), got {cfg.alignments}")
     if cfg.keep_rank < 0 and cfg.keep_rank != -1:
         fail(f"--keep_rank must be >= 0, or -1 for the checkpoint's, got {cfg.keep_rank:g}")
     tasks = {"passkey": passkey_task, "bpb": bpb_task, "memory": memory_task}

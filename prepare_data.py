@@ -54,6 +54,8 @@ class PrepareConfig:
     #                    (a copy from the window there writes the wrong next digit)
     adjacent: float = 0.0  # passkeys: share of the questions right after their key's statement,
     #                        nothing between (else at least 4 characters of haystack)
+    near_adjacent: float = -1.0  # passkeys with --near_gap: --adjacent for train_near.bin alone
+    #                              (below 0: as --adjacent), where the copy is learned
     ask: float = 0.0  # passkeys: share of the facts sown in prose that a question asks for again
     #                   within 64 characters ("What is the door code? The door code is 4170."):
     #                   the copy learns to follow its question's words, not any "is <number>"
@@ -489,9 +491,9 @@ def prepare(cfg):
             fail("--size must be >= 1, --max_gap >= 4, and --near_gap 0 (none) or from 4 to "
                  "below --max_gap")
         if not all(0 <= v <= 1 for v in (cfg.prose, cfg.unmarked, cfg.bait, cfg.adjacent,
-                                         cfg.lure, cfg.ask)):
-            fail("--prose, --unmarked, --bait, --adjacent, --lure and --ask are shares: give "
-                 "numbers from 0 to 1")
+                                         cfg.lure, cfg.ask)) or cfg.near_adjacent > 1:
+            fail("--prose, --unmarked, --bait, --adjacent, --near_adjacent, --lure and --ask are "
+                 "shares: give numbers from 0 to 1")
         name = "passkeys"
         source = (f"built-in passkey corpus, size={cfg.size} max_gap={cfg.max_gap} "
                   f"seed={cfg.seed} prose={cfg.prose} unmarked={cfg.unmarked}"
@@ -505,6 +507,9 @@ def prepare(cfg):
         val_pieces = passkey_corpus(cfg.size // 10, cfg.max_gap, cfg.seed + 1, "held-out", **mix)
         if cfg.near_gap:
             source += f" near_gap={cfg.near_gap}"
+            if cfg.near_adjacent >= 0:
+                source += f" near_adjacent={cfg.near_adjacent}"
+                mix["adjacent"] = cfg.near_adjacent
             near_pieces = passkey_corpus(cfg.size, cfg.near_gap, cfg.seed, "train", **mix)
     else:
         fail(f"unknown dataset {cfg.dataset!r}: use passkeys or shakespeare, or --input=PATH")

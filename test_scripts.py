@@ -284,6 +284,28 @@ def test_near_gap_writes_the_corpus_of_that_max_gap_beside_the_far_one(tmp_path)
     assert not (tmp_path / "both" / "train_near.bin").exists()  # none left from before
 
 
+def test_near_adjacent_asks_right_after_the_statement_in_the_near_corpus_alone(tmp_path):
+    """--near_adjacent: the --adjacent share for train_near.bin alone, so the copy meets the
+    statement right before its question where it is learned while the far corpus stays as
+    it was (byte for byte); below 0, the near corpus takes --adjacent's share."""
+    def made(name, **kw):
+        out = tmp_path / name
+        prepare_data.prepare(prepare_data.PrepareConfig(
+            size=40_000, out_dir=str(out), prose=0.75, unmarked=1.0, near_gap=64, **kw))
+        return {f: (out / f).read_bytes()[::2].decode("latin-1")  # uint16 tokens: their bytes
+                for f in ("train.bin", "train_near.bin")}
+
+    def right_after(text):
+        return text.count("is the pass key. What is the pass key?") / text.count(
+            "What is the pass key?")
+    plain, near, both = made("plain"), made("near", near_adjacent=0.5), made("both", adjacent=0.5)
+    assert near["train.bin"] == plain["train.bin"] and right_after(plain["train.bin"]) == 0
+    assert right_after(plain["train_near.bin"]) == 0
+    assert 0.3 < right_after(near["train_near.bin"]) < 0.7
+    assert near["train_near.bin"] == both["train_near.bin"]  # the same draws as --adjacent's
+    assert 0.3 < right_after(both["train.bin"]) < 0.7
+
+
 def test_recall_warmup_counts_only_the_marked_targets(tmp_path):
     out = prepare_data.prepare(prepare_data.PrepareConfig(size=20_000, out_dir=str(tmp_path)))
     loader = train.StreamLoader(os.path.join(out, "train.bin"), n_streams=2, span=1024)
@@ -507,6 +529,8 @@ BAD_INPUT = {
         "prepare_data.py", "--lure=1.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "ask below 0": (lambda tmp, data, out: [
         "prepare_data.py", "--ask=-0.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
+    "near_adjacent above 1": (lambda tmp, data, out: [
+        "prepare_data.py", "--near_adjacent=1.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "bait below 0": (lambda tmp, data, out: [
         "prepare_data.py", "--bait=-0.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "data missing": (lambda tmp, data, out: [
@@ -578,9 +602,8 @@ BAD_INPUT = {
         "eval.py", f"--out_dir={out}", "--task=ppl"], "task must be passkey, bpb or memory"),
     "eval distances not numbers": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={out}", "--windows=1,x"], "--windows takes whole numbers"),
-    "alignments above trials": (lambda tmp, data, out: [
-        "eval.py", f"--out_dir={out}", "--trials=4", "--alignments=5"],
-        "--alignments must be from 1 to --trials"),
+    "alignments below 1": (lambda tmp, data, out: [
+        "eval.py", f"--out_dir={out}", "--alignments=0"], "--alignments must be >= 1"),
     "eval ranking below zero": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={out}", "--keep_rank=-2"], "--keep_rank must be >= 0, or -1"),
     "keep_row_grad above 1": (lambda tmp, data, out: [
