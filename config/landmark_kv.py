@@ -12,8 +12,9 @@ Measured (docs/retention.md, sections 28 and 29; 50 trials a cell in five alignm
 default): six seeds (13, 7, 3, 5, 1337, 11) found the key 90-98%, 86-96%, 80-98%, 74-98%,
 62-96% and 60-96% of the time from 0 to 256 windows of held-out prose (84-98% from 1 window
 on), at 3.18-3.37 bits per byte, in 14-18 minutes on one CPU thread beside another run; the
-plain GPT of block S + W = 144 through the same run: 3.28, and 0% of the keys. With 32 memory
-rows (section 27) the weak seeds' memories were full, and let a digit of the key go.
+plain GPT of block S + W = 144 through the same run: 3.13-3.28 in three seeds, and 0% of the
+keys. With 32 memory rows (section 27) the weak seeds' memories were full, and let a digit of
+the key go.
 """
 data_dir = "data/prose"  # train_near.bin for the first near_iters steps, then train.bin
 out_dir = "out-landmark-kv"
