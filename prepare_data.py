@@ -494,6 +494,9 @@ def prepare(cfg):
                                          cfg.lure, cfg.ask)) or cfg.near_adjacent > 1:
             fail("--prose, --unmarked, --bait, --adjacent, --near_adjacent, --lure and --ask are "
                  "shares: give numbers from 0 to 1")
+        if cfg.near_adjacent >= 0 and not cfg.near_gap:
+            fail("--near_adjacent shapes train_near.bin, which only --near_gap writes: give "
+                 "--near_gap=64 too, or --adjacent for train.bin")
         name = "passkeys"
         source = (f"built-in passkey corpus, size={cfg.size} max_gap={cfg.max_gap} "
                   f"seed={cfg.seed} prose={cfg.prose} unmarked={cfg.unmarked}"

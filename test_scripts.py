@@ -531,6 +531,9 @@ BAD_INPUT = {
         "prepare_data.py", "--ask=-0.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "near_adjacent above 1": (lambda tmp, data, out: [
         "prepare_data.py", "--near_adjacent=1.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
+    "near_adjacent without near_gap": (lambda tmp, data, out: [
+        "prepare_data.py", "--near_adjacent=0.3", f"--out_dir={tmp}"],
+        "--near_adjacent shapes train_near.bin, which only --near_gap writes"),
     "bait below 0": (lambda tmp, data, out: [
         "prepare_data.py", "--bait=-0.5", f"--out_dir={tmp}"], "give numbers from 0 to 1"),
     "data missing": (lambda tmp, data, out: [
