@@ -205,8 +205,8 @@ def first_layer_keeps(model, enc):
 @torch.no_grad()
 def memory_admits(model, ids):
     """Which tokens of one stream ids (N,) the first layer's memory lets in (with keep_shared,
-    every layer's: the last layer's choice): a list of bools, for the tokens that have left the
-    recent rows by the end of the stream (the rest: not yet decided); and their keep scores
+    every layer's: the last layer's choice): a list of bools, for the tokens it has chosen
+    among by the end of the stream (the rest: not yet decided); and their keep scores
     there, as the fold scored them (a list of floats)."""
     admitted, scores, admit = [], [], model.admit
     first = model.transformer.h[-1 if model.config.keep_shared else 0]  # the layer that chooses
@@ -224,10 +224,10 @@ def memory_admits(model, ids):
         model.eval()(ids[None])
     finally:
         del model.admit, model.layer_by_layer  # the stand-ins go; the class's methods are back
-    R = model.config.n_state - model.config.n_mem
+    R = model.config.n_state - model.config.n_mem - model.config.admit_from()
     flags = torch.cat(admitted).tolist() if admitted else []
     scores = torch.cat(scores).tolist() if scores else []
-    return flags[R:], scores[R:]  # the first R pushed out are the initial state's recent rows
+    return flags[R:], scores[R:]  # the first R chosen among are the initial state's recent rows
 
 
 def describe_memory(model, enc, text, numbers, marked, W):
@@ -474,7 +474,7 @@ def memory_positions(model, ids):
     remember_ranked choose among rows of any kind, so run on the rows' positions beside the
     rows themselves they tell which rows they chose."""
     c, B = model.config, ids.size(0)
-    W, L, R = c.window, c.n_layer, c.n_state - c.n_mem
+    W, L, R = c.window, c.n_layer, c.n_state - c.n_mem - c.admit_from()
     held, folds = torch.full((B, L, c.n_mem), -1, dtype=torch.long), [0]
 
     def follow(choose):

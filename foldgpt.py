@@ -396,6 +396,10 @@ class FoldGPTConfig:
     #                        in one softmax, a number near the question outbids the key in the
     #                        memory (docs/retention.md, section 23); apart, both are read and the
     #                        layers above, which know the question, choose
+    admit_after: int = -1  # windows a token's row waits among the recent rows before the
+    #                        memory may let it in (0: at the fold of its own window, so from the
+    #                        next window on the memory heads can read it while it is still
+    #                        recent too); -1: when it is pushed out of them, (S - M) // W
     memory_layers: int = 1  # with memory_heads, how many layers from the first up split their
     #                         heads so, each with a memory head whose query has read more than
     #                         two bytes (4: no gain over 1 in two seeds, and one seed never
@@ -410,6 +414,14 @@ class FoldGPTConfig:
         self.token_shift = int(self.token_shift)  # older checkpoints said True for 1
         if self.n_mem < 0 or self.n_state == 0:  # -1: a third of the rows; S = 0: a plain GPT
             self.n_mem = max(0, self.n_state) // 3
+
+    def admit_from(self):
+        """Where the rows the memory may let in at a fold begin in [R recent rows ; W tokens]
+        (the fold's rows, oldest first): 0, the oldest W, as they are pushed out; with
+        admit_after = d, those of the window d windows back."""
+        if self.admit_after < 0:
+            return 0
+        return self.n_state - self.n_mem - self.admit_after * self.window
 
     def layer_by_layer(self):
         """Whether forward runs layer by layer (FoldGPT.run_layers): with carry_kv (REINFORCE
@@ -452,6 +464,11 @@ class FoldGPTConfig:
                              f"got {self.memory_heads}")
         if self.memory_heads and not self.n_mem:
             raise ValueError("memory_heads needs memory rows: give --n_mem > 0 (or -1)")
+        R = self.n_state - self.n_mem
+        if not -1 <= self.admit_after <= R // self.window:
+            raise ValueError(f"admit_after must be -1 (when pushed out) or 0 to (n_state - "
+                             f"n_mem) // window ({R // self.window}): a row waits among the "
+                             f"recent rows, got {self.admit_after}")
         if not 1 <= self.memory_layers <= self.n_layer:
             raise ValueError(f"memory_layers must be 1 to n_layer ({self.n_layer}), got "
                              f"{self.memory_layers}")
@@ -790,11 +807,12 @@ class FoldGPT(nn.Module):
         """The next rows (B, L, S, C), and with carry_kv their k|v (B, L, S, 2C; with keep_context
         too 3C, see State.kv), with keep_context alone the memory rows' rows one layer up
         (B, L, M, C), else None: per layer, the last R of [recent rows ; tokens at layer l] stay
-        recent; those pushed out enter the memory if admit lets them (see remember)."""
+        recent; those pushed out (with admit_after, those of the window admit_after windows
+        back) enter the memory if admit lets them (see remember)."""
         window.settle()  # what sampling wrote into the rooms, if anything (step_one)
-        C, M, L = self.config.n_embd, self.config.n_mem, self.config.n_layer
+        C, M, L, W = self.config.n_embd, self.config.n_mem, self.config.n_layer, self.config.window
         rank = self.memory_rank()  # 0: the oldest row goes first
-        R = self.config.n_state - M
+        R, a = self.config.n_state - M, self.config.admit_from()
         layers = [torch.cat([recent, inputs], dim=1)  # per layer (B, R+W, C), the same positions
                   for recent, inputs in zip(window.recent, window.inputs)]
         parts = []  # per layer: the memory and the rows pushed out and staying, side by side
@@ -808,7 +826,7 @@ class FoldGPT(nn.Module):
             elif window.context:  # keep_context: each row's row one layer up goes with it, 2C
                 layer = torch.cat([layer, layers[min(l + 1, L - 1)]], dim=-1)
                 mem = torch.cat([mem, window.context[l]], dim=-1)
-            parts.append((mem, *layer.split([layer.size(1) - R, R], dim=1)))
+            parts.append((mem, layer[:, a:a + W], layer[:, W:]))  # (B, R+W, *): R+W rows
 
         def choose(l):  # which rows layer l's memory lets in (B, G), and the ranks' scores
             block, (mem, pushed, _) = self.transformer.h[l], parts[l]
@@ -971,7 +989,8 @@ class FoldGPT(nn.Module):
         def waves(size):  # (first, last + 1) of each wave of `size` windows
             return [(a, min(a + size, windows)) for a in range(0, windows, size)]
 
-        joint = 1 + (S - M) // W  # windows a wave, where scores made by a layer choose
+        joint = 1 + (S - M - self.config.admit_from()) // W  # windows a wave: the scores
+        #                                                     made by a layer choose after it
         if shared:  # wave by wave, each up through every layer
             outs = []
             for a, b in waves(joint):
@@ -1146,9 +1165,11 @@ class FoldGPT(nn.Module):
         """Which rows (B, M) the memory holds after window w's fold, from those it held before
         (held: indices into a layer's stream [memory ; recent ; tokens]); score (B, >= M + wW +
         W): the stream's keep scores, admitted: which of them enter when pushed out (see
-        admitted). Window w's fold pushes out stream rows M + wW .. M + wW + W - 1 (see fold)."""
+        admitted). Window w's fold pushes out stream rows M + wW .. M + wW + W - 1 (see fold),
+        and its memory chooses among those, or with admit_after among the rows a
+        (admit_from) on from them."""
         W, M, B = self.config.window, self.config.n_mem, held.size(0)
-        first = M + w * W
+        first = M + w * W + self.config.admit_from()
         pushed = torch.arange(first, first + W, device=score.device).expand(B, W)
         keep = admitted[:, first:first + W]  # (B, W): those the memory lets in
         rank = self.memory_rank()

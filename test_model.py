@@ -29,10 +29,12 @@ SHARED = dict(keep_shared=True, keep_rank=0.1, keep_rank_eval=1e-4, memory_heads
               keep_row_grad=0.1, **KEPT_CONTEXT)  # the last layer picks for all, by an MLP keep
 #                   head that shapes the rows a tenth as much; out of training the memory ranks
 #                   by score alone; the first layer's first head reads the memory
+AT_ONCE = dict(SHARED, admit_after=0)  # the memory chooses among a window's rows at its own
+#                   fold: from the next window on they are in the memory, and recent too
 CONFIGS = [dict(), MEMORY, SHIFT3, STAY, KEPT, dict(carry_kv=True, **STAY), CONTEXT, RANKED,
-           KEPT_CONTEXT, ALL_MEMORY, SHARED]
+           KEPT_CONTEXT, ALL_MEMORY, SHARED, AT_ONCE, dict(STAY, admit_after=1)]
 IDS = ["S8", "mem", "shift3", "mem+stay", "kept", "kept+stay", "context", "ranked",
-       "kept+context", "kept, all memory", "shared"]
+       "kept+context", "kept, all memory", "shared", "admitted at once", "admitted after 1"]
 
 
 def tiny(**changes):
@@ -502,10 +504,15 @@ def test_grad_ckpt_gives_the_same_gradients(carried):
                                     dict(KEPT_CONTEXT, n_state=6, token_shift=2),  # of 1
                                     SHARED,  # joint waves of 3: the last layer picks for all
                                     dict(SHARED, n_state=10, n_layer=3),  # of 2, 3 layers
-                                    dict(SHARED, keep_context=False)],  # its own rows' scores
+                                    dict(SHARED, keep_context=False),  # its own rows' scores
+                                    AT_ONCE,  # waves of 1 window
+                                    dict(SHARED, admit_after=1),  # of 2
+                                    dict(carry_kv=True, admit_after=0, **STAY)],  # of all
                          ids=["kept", "kept+stay", "kept+ranked", "kept, R < W", "kept, no memory",
                               "kept+context", "kept+context+ranked", "kept+context, R < W",
-                              "shared", "shared, 3 layers", "shared, no context"])
+                              "shared", "shared, 3 layers", "shared, no context",
+                              "shared, admitted at once", "shared, admitted after 1",
+                              "kept+stay, admitted at once"])
 @pytest.mark.parametrize("grad_ckpt", [False, True], ids=["", "grad_ckpt"])
 def test_with_carry_kv_layer_by_layer_trains_as_window_by_window_does(config, grad_ckpt):
     """carry_kv runs every window of a call at once, layer by layer (run_layers): in training,
@@ -567,7 +574,8 @@ def test_defaults_are_the_papers_model_and_the_quick_start_carries_keys_and_valu
 def test_config_check_refuses_sizes_that_cannot_work():
     for bad in (dict(window=0), dict(n_state=-1), dict(n_state=8, n_mem=9), dict(n_layer=0),
                 dict(vocab_size=0), dict(n_embd=30), dict(n_embd=12, n_head=4),
-                dict(dropout=1.0), dict(dropout=1.5), dict(dropout=-0.1)):
+                dict(dropout=1.0), dict(dropout=1.5), dict(dropout=-0.1),
+                dict(admit_after=-2), dict(admit_after=3, **STAY)):  # R = 8: 2 windows at most
         with pytest.raises(ValueError):
             FoldGPTConfig(**{**TINY, **bad}).check()
     for good in (dict(window=1), dict(n_state=8, n_mem=8), dict(n_layer=1, n_head=1),
@@ -794,6 +802,23 @@ def test_the_memory_holds_the_last_admitted_rows_in_stream_order():
     model.transformer.h[0].keep.bias.fill_(-100.0)
     _, _, state = model(idx)
     assert torch.equal(state.rows[:, 0, :6], model.state0[0, :6].expand(2, -1, -1))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_admit_after_lets_a_row_into_the_memory_that_many_windows_after_its_own(after):
+    model = tiny(carry_kv=True, **STAY, admit_after=after)  # M = 4 memory rows, R = 8 recent
+    #                                                        rows, W = 4, none evolved
+    kept_tokens = {1, 3, 5, 8, 11, 14, 20, 27}
+    first_layer_scores_by_token(model, kept_tokens)
+    idx = tokens(64)  # 16 windows, the memory chooses among all but the last `after` of them
+    _, _, state = model(idx)
+    wte, chosen = model.transformer.wte.weight, idx[:, :64 - 4 * after]
+    for b in range(2):
+        admitted = [t for t in chosen[b].tolist() if t in kept_tokens]
+        assert len(admitted) >= 4 and set(admitted[-4:]) != set(admitted[-5:-1])
+        assert torch.equal(state.rows[b, 0, :4], wte[admitted[-4:]])  # the newest, oldest first
+        assert torch.equal(state.rows[b, 0, 4:], wte[idx[b, -8:]])  # the recent rows
 
 
 def test_a_ranked_memory_lets_its_lowest_ranked_row_go_and_is_the_fifo_when_newness_rules():

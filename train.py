@@ -70,6 +70,8 @@ class TrainConfig:
     #                            (with carry_kv, training runs in joint waves of windows)
     memory_heads: int = 0  # of the first layer's heads, this many read only its memory rows,
     #                        the others only its recent rows and tokens; 0: every head reads all
+    admit_after: int = -1  # windows a row waits among the recent rows before the memory may
+    #                        let it in (0: at its own window's fold); -1: when pushed out of them
     memory_layers: int = 1  # layers, from the first up, whose heads memory_heads splits
     n_layer: int = 4  # L: blocks
     n_head: int = 4  # attention heads
