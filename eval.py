@@ -246,9 +246,12 @@ def describe_memory(model, enc, text, numbers, marked, W):
     first = max(0, digits[0] - 40) if digits else 0  # from a little before the key
     shown = re.sub("_+", "_", "".join(p if f else "_" for p, f in
                                       zip(pieces[first:], flags[first:])))
-    line = (f"memory: lets in {sum(flags)} of the {len(flags)} tokens of one prompt that have "
-            f"left the recent rows, {sum(flags[i] for i in digits)} of the {len(digits)} of the "
-            f"key's statement: {shown[:200]!r}")
+    after = model.config.admit_after  # when the memory chooses among a token's rows
+    which = ("that have left the recent rows" if after < 0 else
+             f"it has chosen among (each {after} windows after its own)")
+    line = (f"memory: lets in {sum(flags)} of the {len(flags)} tokens of one prompt {which}, "
+            f"{sum(flags[i] for i in digits)} of the {len(digits)} of the key's statement: "
+            f"{shown[:200]!r}")
     key = [scores[i] for i in digits]
     others = [x for i, x in enumerate(scores) if i not in set(digits)]
     if not key or not others:

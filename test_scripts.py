@@ -1049,16 +1049,18 @@ def test_the_kjv_and_a_folder_of_text_make_haystacks(tmp_path, monkeypatch, caps
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("carry_kv", [False, True], ids=["", "carry_kv"])
-def test_eval_shows_which_tokens_the_memory_lets_in(carry_kv):
+@pytest.mark.parametrize("carry_kv, after", [(False, -1), (True, -1), (True, 0)],
+                         ids=["", "carry_kv", "carry_kv, admitted at once"])
+def test_eval_shows_which_tokens_the_memory_lets_in(carry_kv, after):
     import eval as passkey
     from test_model import first_layer_scores_by_token
-    model = tiny(carry_kv=carry_kv, **MEMORY)  # R = 4 recent rows
+    model = tiny(carry_kv=carry_kv, admit_after=after, **MEMORY)  # R = 4 recent rows, W = 4
     first_layer_scores_by_token(model, {3, 5})
     ids = torch.tensor([3, 1, 5, 2, 9, 3, 7, 7, 5, 1, 3, 2])  # 3 windows
     flags, scores = passkey.memory_admits(model, ids)
-    assert flags == [t in (3, 5) for t in ids[:8].tolist()]  # the last 4 are still recent
-    rows = model.transformer.wte.weight[ids[:8]][None]  # at the first layer: the embeddings
+    n = 8 if after else 12  # the last 4 are still recent; or offered at their own window's fold
+    assert flags == [t in (3, 5) for t in ids[:n].tolist()]
+    rows = model.transformer.wte.weight[ids[:n]][None]  # at the first layer: the embeddings
     expect = model.transformer.h[0].keep_score(rows)[0]
     assert torch.allclose(torch.tensor(scores), expect) and ((expect > 0).tolist() == flags)
     assert model.admit.__func__ is type(model).admit  # the methods are put back
@@ -1066,18 +1068,21 @@ def test_eval_shows_which_tokens_the_memory_lets_in(carry_kv):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("carry_kv", [False, True], ids=["", "carry_kv"])
-def test_eval_tells_where_each_memory_row_came_from(carry_kv):
+@pytest.mark.parametrize("carry_kv, after", [(False, -1), (True, -1), (True, 0)],
+                         ids=["", "carry_kv", "carry_kv, admitted at once"])
+def test_eval_tells_where_each_memory_row_came_from(carry_kv, after):
     import eval as passkey
     from test_model import first_layer_scores_by_token
-    model = tiny(carry_kv=carry_kv, **MEMORY)  # 6 memory rows, 4 recent; W = 4
+    model = tiny(carry_kv=carry_kv, admit_after=after, **MEMORY)  # 6 memory rows, 4 recent; W = 4
     first_layer_scores_by_token(model, {3, 5})
     ids = torch.tensor([[3, 1, 5, 2, 9, 3, 7, 7, 5, 1, 3, 2]])  # 3 windows: 8 tokens pushed out
     held = passkey.memory_positions(model, ids)  # (1, L, 6)
-    assert held[0, 0].tolist() == [-1, -1, -1, 0, 2, 5]  # the 3 and 5s after 3 initial rows
+    came = [0, 2, 5] if after else [0, 2, 5, 8, 10]  # the 3s and 5s the memory was offered
+    assert held[0, 0].tolist() == [-1] * (6 - len(came)) + came  # after initial rows
     _, _, state = model(ids)
     first = state.rows[0, 0]  # the first layer's memory rows (0-5) are the tokens' embeddings
-    assert torch.allclose(first[3:6], model.transformer.wte.weight[ids[0, [0, 2, 5]]], atol=1e-6)
+    assert torch.allclose(first[6 - len(came):6], model.transformer.wte.weight[ids[0, came]],
+                          atol=1e-6)
     assert not {"remember", "remember_ranked", "layer_by_layer"} & set(vars(model))  # put back
 
 
