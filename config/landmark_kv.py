@@ -29,6 +29,9 @@ keep_shared = True  # every layer's memory lets in what the last layer's score p
 #                     runs in joint waves of 3 windows up through every layer)
 memory_heads = 1  # the first layer's first head reads only the memory, the others only the
 #                   window: a number near the question no longer outbids the key (section 23)
+admit_after = 0  # the memory chooses among a window's rows at its own fold, so the memory head
+#                  reads a key said just before its question (section 30; training's waves of
+#                  windows are 1 long, not 3)
 bptt = 16  # 16 windows a step, 4 streams: the default's 2,048 tokens a step
 batch_size = 4
 # the memory: which rows it keeps, and how it learns to choose them (docs/design.md, Fold)
