@@ -89,10 +89,13 @@ def field_comments(cls):
 
 
 def configure(config, argv):
-    """Apply config files and --key=value flags in argv, in order, to the dataclass config."""
+    """Apply config files and --key=value flags in argv, in order, to the dataclass config
+    (`--key value` too, but for a bool, where `--key` alone means True)."""
     kinds = {f.name: f.type for f in fields(config)}  # int, float, bool or str
     valid = ", ".join(kinds)
-    for arg in argv:
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
         if arg in ("-h", "--help"):
             print("options (--key=value, or `key = value` lines in a config file), with their "
                   "defaults:")
@@ -105,7 +108,9 @@ def configure(config, argv):
             if name not in kinds:
                 fail(f"unknown option --{name}; valid options: {valid}")
             if not eq and kinds[name] is not bool:
-                fail(f"write flags as --key=value, got {arg!r}")
+                if not argv:
+                    fail(f"--{name} needs a value: write --{name}=VALUE")
+                eq, text = "=", argv.pop(0)
             setattr(config, name, parse_value(name, kinds[name], text) if eq else True)
         else:
             for name, value in read_config_file(arg).items():

@@ -445,6 +445,18 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--keep_rank_eval=0.0001", "--n_state=112", "--n_mem=48", "--admit_after=0"])
 
 
+def test_flags_take_their_value_after_an_equals_sign_or_as_the_next_argument(capsys):
+    cfg = configure(train.TrainConfig(), ["--max_iters", "9", "--out_dir=a b", "--compile",
+                                          "--learning_rate", "0.5"])
+    assert (cfg.max_iters, cfg.out_dir, cfg.compile, cfg.learning_rate) == (9, "a b", True, 0.5)
+    import sample
+    cfg = configure(sample.SampleConfig(), ["--prompt", "The pass key is", "--max_new_tokens=3"])
+    assert (cfg.prompt, cfg.max_new_tokens) == ("The pass key is", 3)
+    with pytest.raises(SystemExit) as e:  # the value missing at the end: one line that says how
+        configure(train.TrainConfig(), ["--max_iters"])
+    assert e.value.code == 2 and "--max_iters needs a value" in capsys.readouterr().err
+
+
 def test_config_file_sets_values_and_refuses_code(tmp_path):
     good = tmp_path / "good.py"
     good.write_text('"""a preset"""\nmax_iters = 7\nlearning_rate = 1\nout_dir = "x"\n')
