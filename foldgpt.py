@@ -29,7 +29,7 @@ token reads every carried row of its layer and the tokens before it. The window 
 evolving the carried rows once more through Block l (open_window), runs its tokens (step; when
 sampling, one at a time: step_one), and folds: the last S - M token states of each layer stay
 as recent rows, and the rows pushed out enter M memory rows when a learned keep score says so
-(fold). With n_state = 0 nothing is carried: a plain GPT with a W-token context, the baseline,
+(fold; with admit_after, a window's rows are offered sooner, while still recent). With n_state = 0 nothing is carried: a plain GPT with a W-token context, the baseline,
 from the same code. With carry_kv the carried rows keep the keys and values they were made with
 and do not evolve, and forward runs every window of a call at once, one layer after another
 (run_layers): the same sums, faster.
