@@ -43,7 +43,7 @@ Transformers report it. A plain GPT of block N is scored with a stride of N/2, s
 reads N/2 to N tokens before it, or all before it in the document.
 
 --task=memory looks inside the memory when the question comes (the passkey task's prompts, at
---windows, or --max_windows): per layer, in how many trials its memory still holds every token
+--windows, or --max_windows, in --alignments as its cells are): per layer, in how many trials its memory still holds every token
 of the key's first statement, and how many other digits it holds; then, for the trials
 answered wrong, where the answer first goes wrong, what each layer's memory holds, token by
 token, and the text before the question, with a count of the wrong digits found in a number
@@ -522,33 +522,38 @@ def memory_task(cfg, ckpt, models, device):
         windows = [int(w) for w in cfg.windows.split(",")] if cfg.windows else [cfg.max_windows]
     except ValueError:
         fail(f"--windows takes whole numbers, comma-separated, got {cfg.windows!r}")
-    rng = random.Random(cfg.seed)
+    rng, alignments = random.Random(cfg.seed), min(cfg.alignments, cfg.trials)
     for w in windows:
-        keys, ids = make_batch(enc, cfg.trials, w * W, W, rng, text, cfg.numbers, marked)
-        held = memory_positions(model, ids.to(device)).tolist()
-        out = model.generate(ids.to(device), 8, temperature=0)[0][:, ids.size(1):].tolist()
+        trials, longest = [], 0  # (key, its prompt, where its memory rows came from, written)
+        for keys, ids in cell_batches(enc, cfg.trials, w * W, W, rng, text, cfg.numbers,
+                                      marked, alignments):  # as the pass-key table's cells
+            held = memory_positions(model, ids.to(device)).tolist()
+            out = model.generate(ids.to(device), 8, temperature=0)[0][:, ids.size(1):].tolist()
+            trials += zip(keys, ids.tolist(), held, out)
+            longest = max(longest, ids.size(1))
         # per trial: the tokens of each statement of the key, and the other numbers' digits
         found, wrong = 0, []
         holds, others = [0] * c.n_layer, [0] * c.n_layer
-        for b, key in enumerate(keys):
-            pieces = [enc.decode([t]) for t in ids[b].tolist()]
+        for key, prompt, held_b, out_b in trials:
+            pieces = [enc.decode([t]) for t in prompt]
             ends = list(itertools.accumulate(len(p) for p in pieces))
             said = [[i for i, e in enumerate(ends) if m.start() < e and e - len(pieces[i]) <
                      m.end()] for m in re.finditer(str(key), "".join(pieces))]
             digits = {i for i, p in enumerate(pieces) if any(ch.isdigit() for ch in p)}
             digits -= {i for tokens in said for i in tokens}
             for l in range(c.n_layer):
-                holds[l] += set(said[0]) <= set(held[b][l])  # its first statement
-                others[l] += len(digits & set(held[b][l]))
-            written = enc.decode(out[b])
+                holds[l] += set(said[0]) <= set(held_b[l])  # its first statement
+                others[l] += len(digits & set(held_b[l]))
+            written = enc.decode(out_b)
             found += score(written, key)
             if not score(written, key):
                 before = "".join(pieces)[:-len(question(marked))][-160:]  # the question's
                 wrong.append((key, written, ["".join("." if i < 0 else pieces[i] for i in
-                                                     held[b][l]) for l in range(c.n_layer)],
+                                                     held_b[l]) for l in range(c.n_layer)],
                               where_wrong(key, written, before), before))  # 160 before it
-        print(f"memory at the question, {w} windows ({ids.size(1):,} tokens), {cfg.trials} "
-              f"trials: the key written in {found}")
+        place = f" in {alignments} alignments" if alignments > 1 else ""
+        print(f"memory at the question, {w} windows ({longest:,} tokens), {cfg.trials} "
+              f"trials{place}: the key written in {found}")
         print(f"{'layer':>7}  {'holds the key':>14}  {'digits of other numbers held (mean)':>36}")
         for l in range(c.n_layer):
             print(f"{l:>7}  {holds[l]:>8} / {cfg.trials:<3}  {others[l] / cfg.trials:>36.1f}")

@@ -1144,8 +1144,8 @@ def test_eval_runs_both_tasks_on_a_checkpoint(trained, tmp_path):
     result = run_in("eval.py", f"--out_dir={out}", "--task=memory", "--trials=3", "--windows=2")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert re.match(r"memory at the question, 2 windows \(\d+ tokens\), 3 trials: the key "
-                    r"written in [0-3]$", lines[0])
+    assert re.match(r"memory at the question, 2 windows \(\d+ tokens\), 3 trials in 3 "
+                    r"alignments: the key written in [0-3]$", lines[0])  # as the table's cells
     layers = [re.match(r" +(\d) +[0-3] / 3 +\d+\.\d$", t) for t in lines[2:4]]
     assert [m and m.group(1) for m in layers] == ["0", "1"]  # a line per layer
     right = int(lines[0].split()[-1])
