@@ -43,12 +43,13 @@ Transformers report it. A plain GPT of block N is scored with a stride of N/2, s
 reads N/2 to N tokens before it, or all before it in the document.
 
 --task=memory looks inside the memory when the question comes (the passkey task's prompts, at
---windows, or --max_windows, in --alignments as its cells are): per layer, in how many trials its memory still holds every token
-of the key's first statement, and how many other digits it holds; then, for the trials
-answered wrong, where the answer first goes wrong, what each layer's memory holds, token by
-token, and the text before the question, with a count of the wrong digits found in a number
-there. It is how a lost key is told from a key kept and misread (docs/retention.md, section
-18), and a misread from the memory from a copy of a number near the question (section 27).
+--windows, or --max_windows, in --alignments as its cells are): per layer, in how many trials
+its memory still holds every token of the key's first statement, and how many other digits it
+holds; then, for the trials answered wrong, where the answer first goes wrong, what each layer's
+memory holds, token by token, and the text before the question, with a count of the wrong digits
+found in a number there. It is how a lost key is told from a key kept and misread
+(docs/retention.md, section 18), and a misread from the memory from a copy of a number near the
+question (section 27).
 
     python eval.py --task=memory --trials=20 --windows=256
 """

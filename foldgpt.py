@@ -27,12 +27,13 @@ size, V vocab):
 A window at layer l works on [carried rows of layer l ; its tokens], under one causal mask: a
 token reads every carried row of its layer and the tokens before it. The window opens by
 evolving the carried rows once more through Block l (open_window), runs its tokens (step; when
-sampling, one at a time: step_one), and folds: the last S - M token states of each layer stay
-as recent rows, and the rows pushed out enter M memory rows when a learned keep score says so
-(fold; with admit_after, a window's rows are offered sooner, while still recent). With n_state = 0 nothing is carried: a plain GPT with a W-token context, the baseline,
-from the same code. With carry_kv the carried rows keep the keys and values they were made with
-and do not evolve, and forward runs every window of a call at once, one layer after another
-(run_layers): the same sums, faster.
+sampling, one at a time: step_one), and folds: the last S - M token states of each layer stay as
+recent rows, and the rows pushed out enter M memory rows when a learned keep score says so
+(fold; with admit_after, a window's rows are offered sooner, while still recent). With n_state =
+0 nothing is carried: a plain GPT with a W-token context, the baseline, from the same code. With
+carry_kv the carried rows keep the keys and values they were made with and do not evolve, and
+forward runs every window of a call at once, one layer after another (run_layers): the same
+sums, faster.
 """
 
 import math
@@ -826,7 +827,7 @@ class FoldGPT(nn.Module):
             elif window.context:  # keep_context: each row's row one layer up goes with it, 2C
                 layer = torch.cat([layer, layers[min(l + 1, L - 1)]], dim=-1)
                 mem = torch.cat([mem, window.context[l]], dim=-1)
-            parts.append((mem, layer[:, a:a + W], layer[:, W:]))  # (B, R+W, *): R+W rows
+            parts.append((mem, layer[:, a:a + W], layer[:, W:]))  # W offered, R staying
 
         def choose(l):  # which rows layer l's memory lets in (B, G), and the ranks' scores
             block, (mem, pushed, _) = self.transformer.h[l], parts[l]
