@@ -433,7 +433,7 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
     # training (section 26: out-g01-1337, -7, -3, evaluated with --keep_rank=0.0001), and 48
     # memory rows of 112 carried (section 28: out-m48-3, -11, -1337, -7, -5, -13), the memory
     # choosing among each window's rows at its own fold (section 30: out-a0-11, -1337, -5, -3,
-    # -13, -7)
+    # -13, -7), in eight heads (section 31: out-n8-13, -7, -11, -1337, -5)
     kvc = configure(train.TrainConfig(), [os.path.join(HERE, "config", "landmark_kv.py")])
     assert kvc == configure(train.TrainConfig(), [
         "--data_dir=data/prose", "--near_iters=1200", "--max_iters=2400",
@@ -442,7 +442,8 @@ def test_presets_load_and_the_cpu_preset_is_the_default():
         "--keep_hard=0.05", "--keep_rank=0.1", "--keep_head_only=True",
         "--keep_head_only_until=400", "--fresh_every=8", "--recall_every=2",
         "--keep_shared=True", "--memory_heads=1", "--keep_hidden=128", "--keep_row_grad=0.1",
-        "--keep_rank_eval=0.0001", "--n_state=112", "--n_mem=48", "--admit_after=0"])
+        "--keep_rank_eval=0.0001", "--n_state=112", "--n_mem=48", "--admit_after=0",
+        "--n_head=8"])
 
 
 def test_flags_take_their_value_after_an_equals_sign_or_as_the_next_argument(capsys):
