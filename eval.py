@@ -37,9 +37,10 @@ Writes a table to stdout, eval.csv, and eval.png when matplotlib is installed. F
 with a memory it first shows which tokens of one prompt its memory lets in.
 
 --task=bpb reads the held-out prose as it is (or --haystack's text), in documents of
---doc_windows windows, each model from a fresh start, and prints bits per byte overall and by
-position in the document (first window, second, ...), as Transformer-XL and Block-Recurrent
-Transformers report it. A plain GPT of block N is scored with a stride of N/2, so each token
+--doc_windows windows (--max_docs of them, spread over a long text such as the King James
+Bible), each model from a fresh start, and prints bits per byte overall and by position in the
+document (first window, second, ...), as Transformer-XL and Block-Recurrent Transformers report
+it. A plain GPT of block N is scored with a stride of N/2, so each token
 reads N/2 to N tokens before it, or all before it in the document.
 
 --task=memory looks inside the memory when the question comes (the passkey task's prompts, at
@@ -90,6 +91,8 @@ class EvalConfig:
     max_windows: int = 256  # the longest distance, in windows of filler
     windows: str = ""  # the distances to test, comma-separated ('' : 0, 1, 2, 4, ... max_windows)
     doc_windows: int = 64  # bpb: windows per document
+    max_docs: int = 0  # bpb: at most this many documents, spread evenly over the text (0: all;
+    #                    the King James Bible holds about 2,000, the held-out prose 54)
     seed: int = 1337  # the keys, depths and haystacks; the same prompts for every model
     alignments: int = 5  # a cell's prompts in this many batches (at most --trials), each padded
     #                      to its own length, so the questions end at as many places in their
@@ -439,6 +442,12 @@ def token_losses(model, docs):
     return out
 
 
+def spread(n, k):
+    """k of the indices 0..n-1 (k <= n), evenly apart from the first to the last: the documents
+    --max_docs reads, so a long text is sampled from end to end, not only its beginning."""
+    return torch.linspace(0, n - 1, k).round().long()
+
+
 def bpb_task(cfg, ckpt, models, device):
     enc = get_tokenizer(ckpt["meta"]["tokenizer"])
     W = models["FoldGPT"].config.window
@@ -447,10 +456,14 @@ def bpb_task(cfg, ckpt, models, device):
     name = "prose" if cfg.haystack == "filler" else cfg.haystack
     ids = enc.encode_ordinary(haystack_text(name))
     n = cfg.doc_windows * W + 1
+    if cfg.max_docs < 0:
+        fail(f"--max_docs must be >= 0 (0: every document), got {cfg.max_docs}")
     docs = torch.tensor(ids[:len(ids) // n * n], dtype=torch.long).view(-1, n)
     if len(docs) == 0:
         fail(f"{name} holds {len(ids):,} tokens, fewer than one document of {n}: give a "
              "smaller --doc_windows")
+    if 0 < cfg.max_docs < len(docs):
+        docs = docs[spread(len(docs), cfg.max_docs)]
     nbytes = torch.tensor([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)
                            if t != enc.eot_token] + [0])[docs[:, 1:]]  # bytes of each target
     edges = [e for e in (0, 1, 2, 4, 16) if e < cfg.doc_windows] + [cfg.doc_windows]

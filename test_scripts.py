@@ -1142,6 +1142,12 @@ def test_eval_runs_both_tasks_on_a_checkpoint(trained, tmp_path):
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     assert [r[0] for r in rows] == ["FoldGPT", "state"] and len(rows[0]) == 1 + 1 + 3
     assert all(0 < float(v) < 9 for v in rows[0][1:])  # bits per byte: below uniform's 8.0
+    assert re.search(r" (\d+) documents of 4 windows", result.stdout)
+    every = int(re.search(r" (\d+) documents of 4 windows", result.stdout).group(1))
+    result = run_in("eval.py", f"--out_dir={out}", "--task=bpb", "--doc_windows=4",
+                    "--max_docs=3")
+    assert result.returncode == 0 and every > 3, result.stderr
+    assert " 3 documents of 4 windows" in result.stdout.splitlines()[0]
     result = run_in("eval.py", f"--out_dir={out}", "--task=memory", "--trials=3", "--windows=2")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -1159,6 +1165,15 @@ def test_eval_runs_both_tasks_on_a_checkpoint(trained, tmp_path):
         wrong, first, later, near = (int(g) for g in misses[0].groups())
         assert wrong == 3 - right and first + later == wrong and near <= wrong
         assert sum("before the question: " in t for t in lines) == wrong
+
+
+def test_max_docs_spreads_its_documents_over_the_whole_text():
+    import eval as passkey
+    assert passkey.spread(10, 1).tolist() == [0]
+    assert passkey.spread(10, 3).tolist() == [0, 4, 9]  # the first, the middle, the last
+    picked = passkey.spread(2000, 54)
+    assert len(set(picked.tolist())) == 54 and picked[-1] == 1999
+    assert picked.diff().min() >= 37 and picked.diff().max() <= 38  # evenly apart
 
 
 def test_where_wrong_finds_the_first_wrong_digit_and_a_number_near_the_question_it_came_from():
