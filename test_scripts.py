@@ -624,6 +624,9 @@ BAD_INPUT = {
         "eval.py", f"--out_dir={out}", "--alignments=0"], "--alignments must be >= 1"),
     "eval ranking below zero": (lambda tmp, data, out: [
         "eval.py", f"--out_dir={out}", "--keep_rank=-2"], "--keep_rank must be >= 0, or -1"),
+    "bpb documents below zero": (lambda tmp, data, out: [
+        "eval.py", f"--out_dir={out}", "--task=bpb", "--max_docs=-1"],
+        "--max_docs must be >= 0 (0: every document)"),
     "keep_row_grad above 1": (lambda tmp, data, out: [
         "train.py", f"--data_dir={data}", "--keep_row_grad=2", f"--out_dir={tmp}"],
         "keep_row_grad must be in [0, 1]"),
