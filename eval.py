@@ -453,11 +453,11 @@ def bpb_task(cfg, ckpt, models, device):
     W = models["FoldGPT"].config.window
     if cfg.doc_windows < 2:
         fail("--doc_windows must be >= 2")
+    if cfg.max_docs < 0:  # before the text is read: the Bible takes a while
+        fail(f"--max_docs must be >= 0 (0: every document), got {cfg.max_docs}")
     name = "prose" if cfg.haystack == "filler" else cfg.haystack
     ids = enc.encode_ordinary(haystack_text(name))
     n = cfg.doc_windows * W + 1
-    if cfg.max_docs < 0:
-        fail(f"--max_docs must be >= 0 (0: every document), got {cfg.max_docs}")
     docs = torch.tensor(ids[:len(ids) // n * n], dtype=torch.long).view(-1, n)
     if len(docs) == 0:
         fail(f"{name} holds {len(ids):,} tokens, fewer than one document of {n}: give a "

@@ -1145,8 +1145,9 @@ def test_eval_runs_both_tasks_on_a_checkpoint(trained, tmp_path):
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     assert [r[0] for r in rows] == ["FoldGPT", "state"] and len(rows[0]) == 1 + 1 + 3
     assert all(0 < float(v) < 9 for v in rows[0][1:])  # bits per byte: below uniform's 8.0
-    assert re.search(r" (\d+) documents of 4 windows", result.stdout)
-    every = int(re.search(r" (\d+) documents of 4 windows", result.stdout).group(1))
+    every = re.search(r" (\d+) documents of 4 windows", result.stdout)
+    assert every, result.stdout
+    every = int(every.group(1))
     result = run_in("eval.py", f"--out_dir={out}", "--task=bpb", "--doc_windows=4",
                     "--max_docs=3")
     assert result.returncode == 0 and every > 3, result.stderr
